@@ -1,0 +1,135 @@
+"""Crash safety in one place: temporary names, durable writes and the atomic commit.
+
+A checkpoint exists for readers only once its manifest is published under its final
+name, and publishing is the last act of a save. Every file is written under a temporary
+name in the directory it will live in, ``fsync``'d, and renamed into place; the directory
+is ``fsync``'d after the renames so the names themselves survive a power cut. A crash at
+any instant therefore leaves either no manifest (the save never happened; its leftovers
+carry ``TMP_PREFIX`` or are unreferenced objects, both removed by cleanup) or a complete,
+durable one. Nothing else in pitstop creates files on a local disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Sequence
+
+__all__ = [
+    "MANIFEST_DIR",
+    "OBJECT_DIR",
+    "TMP_PREFIX",
+    "durable_write",
+    "fsync_dir",
+    "is_temporary",
+    "publish",
+    "temporary_name",
+]
+
+#: Sub-directory of committed manifests, one per checkpoint: ``manifests/<step>.json``.
+MANIFEST_DIR = "manifests"
+#: Sub-directory of content-addressed data objects: ``objects/<xxh3-128 hex>``.
+OBJECT_DIR = "objects"
+#: Every file being written starts with this prefix until it is renamed into place.
+TMP_PREFIX = ".tmp-"
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_MAX_IOV = 512  # stay well below IOV_MAX (1024 on Linux)
+
+
+def temporary_name(final_name: str) -> str:
+    """A unique temporary name for a file that will be renamed to ``final_name``."""
+    return f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}-{final_name}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a directory entry is an unfinished write (safe to delete under the lock)."""
+    return name.startswith(TMP_PREFIX)
+
+
+def _write_all(fd: int, buffers: Sequence[memoryview]) -> int:
+    """Write every buffer, resuming after short writes. Returns the bytes written."""
+    total = 0
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        batch = pending[:_MAX_IOV]
+        n = os.writev(fd, batch)
+        total += n
+        # drop fully written buffers, trim a partially written one
+        done = 0
+        while done < len(batch) and n >= batch[done].nbytes:
+            n -= batch[done].nbytes
+            done += 1
+        rest = pending[done:]
+        if n and rest:
+            rest[0] = rest[0][n:]
+        pending = rest
+    return total
+
+
+def durable_write(directory: str, final_name: str, buffers: Sequence[memoryview]) -> int:
+    """Write ``buffers`` to ``directory/final_name`` durably (without syncing the directory).
+
+    The bytes go to a temporary file that is fsync'd and then renamed over ``final_name``.
+    The caller syncs the directory once after a batch of writes (:func:`fsync_dir`).
+
+    Returns:
+        The number of bytes written.
+    """
+    tmp = os.path.join(directory, temporary_name(final_name))
+    fd = os.open(tmp, _WRITE_FLAGS, 0o644)
+    try:
+        try:
+            written = _write_all(fd, buffers)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(directory, final_name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return written
+
+
+def fsync_dir(directory: str) -> None:
+    """Make the entries (names) of ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(directory: str, final_name: str, data: bytes) -> None:
+    """The commit: durably write ``data`` and make ``directory/final_name`` appear atomically.
+
+    Readers see either no file or the complete file. On return the name is durable.
+
+    Raises:
+        FileExistsError: ``final_name`` already exists (a checkpoint is never overwritten).
+    """
+    final = os.path.join(directory, final_name)
+    tmp = os.path.join(directory, temporary_name(final_name))
+    fd = os.open(tmp, _WRITE_FLAGS, 0o644)
+    try:
+        try:
+            _write_all(fd, [memoryview(data)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # link() refuses to replace an existing name, unlike rename(): a committed
+        # checkpoint can never be clobbered, even by a second writer that ignored the lock.
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise
+        except OSError:  # filesystems without hard links
+            if os.path.exists(final):
+                raise FileExistsError(final) from None
+            os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_dir(directory)

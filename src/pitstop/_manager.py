@@ -1,0 +1,648 @@
+"""CheckpointManager: save, list, retain, verify and restore the checkpoints of a directory.
+
+The manager glues the pieces together: the state tree (``_tree``), the writer
+(``_writer``) and reader (``_reader``), retention rules (``_retention``), the storage
+backend with its lock (``_storage``) and the background writer (``_async``). It is the
+only writer of its directory (an exclusive lock taken on the first write); readers of the
+same directory need no lock and see only committed checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+
+from ._async import BackgroundWriter
+from ._errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsupportedStateError,
+)
+from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
+from ._reader import read_arrays, verify_manifest
+from ._retention import KeepBest, KeepEveryN, KeepLatest, Record, RetentionRule, best_step, select
+from ._rng import capture_rng as _capture_rng
+from ._rng import restore_rng
+from ._storage import MissingFileError, Storage, WriterLock, open_storage
+from ._tree import FlatState, build_tree, display_path, flatten_state, node_arrays, plan_restore, rename_hints
+from ._writer import DedupIndex, SaveStats, write_checkpoint
+
+__all__ = ["CheckpointManager", "CorruptCheckpointWarning", "GcReport", "PartialRestoreWarning", "RestoreReport"]
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A corrupt or partial checkpoint was skipped in favour of an older valid one."""
+
+
+class PartialRestoreWarning(UserWarning):
+    """``strict=False`` restored only part of the state (the report says what)."""
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did: the step, and what was restored or skipped (``strict=False``)."""
+
+    step: int
+    restored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GcReport:
+    """What garbage collection removed (or, with ``dry_run``, would remove)."""
+
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+
+def _default_threads() -> int:
+    return max(4, min(16, 4 * (os.cpu_count() or 1)))
+
+
+def _clean_metrics(metrics: Any) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise UnsupportedStateError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise UnsupportedStateError(f"metric names must be strings, got {k!r}")
+        try:
+            out[k] = float(np.asarray(v).item()) if not isinstance(v, (int, float)) else float(v)
+        except (TypeError, ValueError):
+            raise UnsupportedStateError(f"metric {k!r} is {v!r}, not a number") from None
+    return out
+
+
+def _clean_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedStateError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedStateError(f"metadata must be plain JSON (no NaN): {exc}") from None
+
+
+def _mismatch_message(where: str, step: int, err: StateMismatchError) -> str:
+    lines = [
+        f"checkpoint step {step} at {where} does not match the state it is restored into: "
+        f"{len(err.missing)} missing, {len(err.unexpected)} unexpected, {len(err.mismatched)} mismatched"
+    ]
+    for title, items in (("missing from the checkpoint", err.missing), ("not in the given state", err.unexpected),
+                         ("different shape/dtype", err.mismatched)):  # fmt: skip
+        for m in items[:20]:
+            lines.append(f"  {title}: {m}")
+        if len(items) > 20:
+            lines.append(f"  ... and {len(items) - 20} more {title}")
+    lines += [f"  hint: {h}" for h in err.hints]
+    lines.append(
+        "Rebuild the model exactly as it was saved, or pass strict=False to restore the "
+        "entries that match and keep the rest as they are."
+    )
+    return "\n".join(lines)
+
+
+class CheckpointManager:
+    """Saves, lists, retains, verifies and restores the checkpoints of one directory.
+
+    Args:
+        directory: Local path or fsspec URL (``s3://bucket/prefix``); created if missing.
+        max_to_keep: Keep the newest N checkpoints (``None`` keeps all).
+        keep_best: Also keep the best K by ``best_metric`` (default 1 when a metric is
+            named, else off; 0 turns it off).
+        best_metric: Metric name (a key of ``save(..., metrics=...)``) that ranks checkpoints.
+        best_mode: ``"min"`` or ``"max"``: whether lower or higher ``best_metric`` is better.
+        keep_every_n_steps: Also keep every checkpoint whose step is a multiple of N.
+        save_interval_steps: ``save()`` does nothing for steps off this interval unless
+            ``force=True``.
+        async_save: ``save()`` returns once the state is copied to host memory; writing
+            happens on a background thread.
+        capture_rng: Save Python's, NumPy's (and registered frameworks') global RNG states
+            with each checkpoint, and restore them on in-place restores.
+        storage_options: Passed to fsspec for URLs (``endpoint_url``, ``key``, ...).
+        io_threads: Threads for parallel reads and writes (default: sized to the machine).
+
+    Example:
+        >>> import numpy as np, pitstop, tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> state = {"w": np.zeros(3, np.float32), "epoch": 0}
+        >>> with pitstop.CheckpointManager(d, max_to_keep=2) as mgr:
+        ...     start = mgr.restore_or_initialize(state)
+        ...     state["w"] += 1; state["epoch"] = 1
+        ...     mgr.save(1, state, metrics={"loss": 0.5})
+        True
+        >>> pitstop.CheckpointManager(d).restore()[1]["epoch"]
+        1
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_to_keep: int | None = 3,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: Literal["min", "max"] = "min",
+        keep_every_n_steps: int | None = None,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        capture_rng: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        io_threads: int | None = None,
+    ) -> None:
+        rules: list[RetentionRule] = [KeepLatest(n=max_to_keep)]
+        self._best: KeepBest | None = None
+        if keep_best is None:
+            keep_best = 1 if best_metric is not None else 0
+        if type(keep_best) is not int or keep_best < 0:
+            raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
+        if keep_best and best_metric is None:
+            raise ValueError("keep_best needs best_metric: name the metric that ranks checkpoints")
+        if best_metric is not None:
+            self._best = KeepBest(n=max(keep_best, 1), metric=best_metric, mode=best_mode)
+            if keep_best:
+                rules.append(self._best)
+        elif best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        if keep_every_n_steps is not None:
+            rules.append(KeepEveryN(n=keep_every_n_steps))
+        if type(save_interval_steps) is not int or save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
+        if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
+            raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
+        self._rules = rules
+        self._interval = save_interval_steps
+        self._capture_rng = bool(capture_rng)
+        self._storage: Storage = open_storage(os.fspath(directory), storage_options)
+        self.directory = self._storage.location
+        self._pool = ThreadPoolExecutor(io_threads or _default_threads(), thread_name_prefix="pitstop-io")
+        self._writer = BackgroundWriter() if async_save else None
+        self._cache: dict[int, Manifest] = {}
+        self._cache_lock = threading.Lock()
+        self._lock: WriterLock | None = None
+        self._index: DedupIndex | None = None
+        self._buffers: list[np.ndarray[Any, Any]] = []
+        self._closed = False
+        self.last_save_stats: SaveStats | None = None
+        self.last_restore_report: RestoreReport | None = None
+
+    # -- context manager --------------------------------------------------------------
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r})"
+
+    # -- listing ----------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Steps of every committed checkpoint, ascending."""
+        steps = (step_of_manifest_name(n) for n in self._storage.list_manifests())
+        return sorted(s for s in steps if s is not None)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or ``None`` when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def _manifest(self, step: int) -> Manifest:
+        with self._cache_lock:
+            cached = self._cache.get(step)
+        if cached is not None:
+            return cached
+        name = manifest_name(step)
+        where = f"{self.directory}/manifests/{name}"
+        try:
+            data = self._storage.read_manifest(name)
+        except MissingFileError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; existing steps: {self.all_steps()}",
+                path=self.directory,
+                step=step,
+            ) from None
+        m = decode_manifest(data, where=where, step=step)
+        with self._cache_lock:
+            self._cache[step] = m
+        return m
+
+    def _records(self) -> tuple[list[Record], list[int]]:
+        records, corrupt = [], []
+        for s in self.all_steps():
+            try:
+                records.append(Record(s, self._manifest(s).metrics))
+            except CheckpointNotFoundError:
+                continue
+            except CorruptCheckpointError:
+                records.append(Record(s, {}))
+                corrupt.append(s)
+        return records, corrupt
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with ``step``."""
+        return dict(self._manifest(step).metrics)
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The user metadata saved with ``step`` (``save(..., metadata=...)``)."""
+        return json.loads(json.dumps(self._manifest(step).metadata))  # type: ignore[no-any-return]
+
+    def manifest(self, step: int) -> Manifest:
+        """The parsed manifest of ``step`` (tree, arrays, objects, versions, time)."""
+        return self._manifest(step)
+
+    def best_step(self) -> int | None:
+        """The best step by ``best_metric`` (``None`` without a metric or any scored step)."""
+        return best_step(self._best, self._records()[0])
+
+    def retention(self) -> dict[int, list[str]]:
+        """Each committed step with the reasons it is kept (as retention would decide now)."""
+        return select(self._rules, self._records()[0])
+
+    # -- saving -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError(f"{self!r} is closed; create a new manager", path=self.directory)
+
+    def _acquire(self) -> None:
+        if self._lock is None:
+            self._storage.ensure_layout()
+            self._lock = self._storage.lock()
+            for tmp in self._storage.list_temporaries():  # leftovers of killed writers
+                self._storage.delete_temporary(tmp)
+            self._collect_garbage(dry_run=False)
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save ``state`` as checkpoint ``step``.
+
+        With ``async_save`` it returns once the state is copied to host memory: training
+        may change its arrays right away. One save is in flight at a time; the error of a
+        failed background save is raised here (or by ``wait_until_finished``/``close``).
+
+        Args:
+            step: The checkpoint's step, an int >= 0, not already committed.
+            state: A nested dict/list of arrays, JSON values and stateful objects.
+            metrics: Numbers used for ``keep_best`` and shown by ``pitstop ls``.
+            metadata: Any JSON dict stored with the checkpoint.
+            force: Save even when ``step`` is off ``save_interval_steps``.
+
+        Returns:
+            True if a checkpoint was started, False when skipped by the interval.
+
+        Raises:
+            CheckpointExistsError: ``step`` is already committed.
+            UnsupportedStateError: the state holds something pitstop cannot store.
+            StorageError: writing failed (or the previous background save failed).
+        """
+        self._check_open()
+        if self._writer is not None:
+            self._writer.wait()
+        if (type(step) is not int and not isinstance(step, np.integer)) or int(step) < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        step = int(step)
+        if not force and step % self._interval:
+            return False
+        clean_metrics = _clean_metrics(metrics)
+        clean_metadata = _clean_metadata(metadata)
+        self._acquire()
+        if self._storage_has(step):
+            raise CheckpointExistsError(
+                f"checkpoint step {step} already exists in {self.directory}; steps are never "
+                "overwritten: save under a new step, or delete() it first",
+                path=self.directory,
+                step=step,
+            )
+        rng = _capture_rng() if self._capture_rng else None
+        flat = flatten_state(state, rng)
+        if self._writer is not None:
+            flat = self._snapshot(flat)
+            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata))
+        else:
+            self._write(step, flat, clean_metrics, clean_metadata)
+        return True
+
+    def _storage_has(self, step: int) -> bool:
+        return manifest_name(step) in self._storage.list_manifests()
+
+    def _snapshot(self, flat: FlatState) -> FlatState:
+        """Copy every array into host buffers reused from the previous save when they fit."""
+        out = []
+        for i, a in enumerate(flat.arrays):
+            buf = self._buffers[i] if i < len(self._buffers) else None
+            if buf is None or buf.shape != a.shape or buf.dtype != a.dtype or buf is a:
+                buf = np.empty_like(a)
+            np.copyto(buf, a)
+            out.append(buf)
+        self._buffers = out
+        return FlatState(flat.tree, flat.rng, out, flat.paths)
+
+    def _write(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+        if self._index is None:
+            records, _ = self._records()
+            ms = []
+            for r in records:
+                try:
+                    ms.append(self._manifest(r.step))
+                except CheckpointError:
+                    continue
+            self._index = DedupIndex.from_manifests(ms)
+        try:
+            manifest, stats = write_checkpoint(
+                self._storage, self._pool, step=step, flat=flat, metrics=metrics, metadata=metadata, index=self._index
+            )
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"checkpoint step {step} was committed by someone else in {self.directory}",
+                path=self.directory,
+                step=step,
+            ) from None
+        with self._cache_lock:
+            self._cache[step] = manifest
+        self._index.add(manifest)
+        self.last_save_stats = stats
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        records, _ = self._records()
+        keep = select(self._rules, records)
+        for r in records:
+            if r.step not in keep:
+                self._storage.delete_manifest(manifest_name(r.step))
+                with self._cache_lock:
+                    self._cache.pop(r.step, None)
+        self._collect_garbage(dry_run=False)
+
+    def _collect_garbage(self, *, dry_run: bool) -> GcReport:
+        report = GcReport()
+        records, corrupt = self._records()
+        if corrupt:
+            warnings.warn(
+                f"{self.directory}: checkpoints {corrupt} have unreadable manifests; their data "
+                "is left in place until they are deleted (pitstop verify / delete)",
+                CorruptCheckpointWarning,
+                stacklevel=3,
+            )
+            return report
+        referenced: set[str] = set()
+        for r in records:
+            try:
+                referenced.update(self._manifest(r.step).objects)
+            except CheckpointNotFoundError:
+                continue
+        for name in self._storage.list_objects():
+            if name not in referenced:
+                size = self._storage.object_size(name) or 0
+                report.files.append(f"objects/{name}")
+                report.bytes += size
+                if not dry_run:
+                    self._storage.delete_object(name)
+        if report.files and not dry_run and self._index is not None:
+            self._index = DedupIndex.from_manifests([self._manifest(r.step) for r in records])
+        return report
+
+    def gc(self, *, dry_run: bool = False) -> GcReport:
+        """Remove leftovers of interrupted saves and data no checkpoint references.
+
+        Retention already does this after every save; ``gc`` is for directories written by
+        a killed job. Takes the writer lock.
+        """
+        self._check_open()
+        self.wait_until_finished()
+        if dry_run:
+            report = self._collect_garbage(dry_run=True)
+            report.files += self._storage.list_temporaries()
+            return report
+        self._storage.ensure_layout()
+        if self._lock is None:
+            self._lock = self._storage.lock()
+        report = GcReport(files=self._storage.list_temporaries())
+        for tmp in report.files:
+            self._storage.delete_temporary(tmp)
+        found = self._collect_garbage(dry_run=False)
+        report.files += found.files
+        report.bytes += found.bytes
+        return report
+
+    def delete(self, step: int) -> None:
+        """Delete checkpoint ``step`` (its manifest, then data nothing else references)."""
+        self._check_open()
+        self.wait_until_finished()
+        self._acquire()
+        if not self._storage_has(step):
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
+            )
+        self._storage.delete_manifest(manifest_name(step))
+        with self._cache_lock:
+            self._cache.pop(step, None)
+        self._collect_garbage(dry_run=False)
+
+    def wait_until_finished(self) -> None:
+        """Block until the save in flight is committed; raise its error if it failed."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """Finish the save in flight, release the directory lock and the IO threads."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            self._pool.shutdown(wait=True)
+
+    # -- restoring --------------------------------------------------------------------
+    def restore(self, state: Any = None, *, step: int | None = None, strict: bool = True) -> tuple[int, Any]:
+        """Restore a checkpoint, in place into ``state`` or as a new tree.
+
+        Args:
+            state: The state to restore into (arrays and objects in place, plain values
+                written back into its dicts/lists); ``None`` builds a dict of NumPy arrays.
+            step: The step to restore; ``None`` means the newest checkpoint that is valid
+                (corrupt or partial newer ones are skipped with a warning).
+            strict: Raise :class:`StateMismatchError` when the checkpoint and ``state``
+                differ; with ``False`` restore the matching entries and report the rest
+                (``last_restore_report`` and a :class:`PartialRestoreWarning`).
+
+        Returns:
+            ``(step, tree)``: the step restored and the restored state.
+
+        Raises:
+            CheckpointNotFoundError: no (such) checkpoint exists.
+            CorruptCheckpointError: the step asked for is damaged, or every one is.
+            StateMismatchError: ``strict`` and the structures differ (nothing was modified).
+        """
+        self._check_open()
+        self.wait_until_finished()
+        if step is not None:
+            return int(step), self._restore_step(int(step), state, strict)
+        candidates = self.all_steps()[::-1]
+        if not candidates:
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {self.directory}: nothing has been saved there yet",
+                path=self.directory,
+            )
+        problems = []
+        for s in candidates:
+            try:
+                return s, self._restore_step(s, state, strict)
+            except CheckpointNotFoundError:
+                continue  # deleted by the writer while we looked
+            except CorruptCheckpointError as exc:
+                if not self._storage_has(s):
+                    continue  # deleted by retention while we read it
+                problems.append(f"step {s}: {exc}")
+                warnings.warn(
+                    f"skipping checkpoint step {s} in {self.directory}: {exc}", CorruptCheckpointWarning, stacklevel=2
+                )
+        raise CorruptCheckpointError(
+            f"every checkpoint in {self.directory} is corrupt ({len(problems)} tried); "
+            "run `pitstop verify` for details",
+            path=self.directory,
+            problems=problems,
+        )
+
+    def restore_or_initialize(self, state: Any, *, strict: bool = True) -> int:
+        """Restore the newest valid checkpoint into ``state`` in place; return its step.
+
+        Returns 0 (and leaves ``state`` untouched) when the directory has no checkpoint.
+        """
+        if not self.all_steps():
+            return 0
+        return self.restore(state, strict=strict)[0]
+
+    def _restore_step(self, step: int, state: Any, strict: bool) -> Any:
+        m = self._manifest(step)
+        where = f"{self.directory}/manifests/{manifest_name(step)}"
+        describe = _describer(_array_paths(m))
+
+        if state is None:
+            arrays = read_arrays(self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where)
+            self.last_restore_report = RestoreReport(step, restored=["<all>"])
+            return build_tree(m.tree, arrays)
+        plan, root = plan_restore(m.tree, state, m.arrays)
+        if not plan.ok:
+            err = StateMismatchError(
+                "", path=self.directory, step=step, missing=plan.missing, unexpected=plan.unexpected,
+                mismatched=plan.mismatched, hints=rename_hints(plan.missing, plan.unexpected),
+            )  # fmt: skip
+            err.message = _mismatch_message(self.directory, step, err)
+            err.args = (err.message,)
+            if strict:
+                raise err
+            warnings.warn(
+                err.message.replace("Rebuild the model", "Skipped; rebuild the model"),
+                PartialRestoreWarning,
+                stacklevel=3,
+            )
+        requests = dict(plan.reads)
+        rng_ids = node_arrays(m.rng) if (self._capture_rng and m.rng is not None) else []
+        for i in rng_ids:
+            requests.setdefault(i, None)
+        arrays = read_arrays(self._storage, m, requests, self._pool, describe, where)
+        plan.execute(arrays)
+        if rng_ids or (self._capture_rng and m.rng is not None):
+            assert m.rng is not None
+            restore_rng(build_tree(m.rng, arrays), where)
+        self.last_restore_report = RestoreReport(
+            step,
+            restored=plan.restored,
+            missing=[str(x) for x in plan.missing],
+            unexpected=[str(x) for x in plan.unexpected],
+            mismatched=[str(x) for x in plan.mismatched],
+        )
+        return root(arrays) if root is not None else state
+
+    def verify(self, step: int | None = None) -> list[int]:
+        """Check every checksum of ``step`` (or of every checkpoint) and report all problems.
+
+        Returns:
+            The steps verified intact.
+
+        Raises:
+            CorruptCheckpointError: with ``problems`` listing every damaged manifest,
+                object and array found (not only the first).
+        """
+        self._check_open()
+        self.wait_until_finished()
+        steps = [step] if step is not None else self.all_steps()
+        if step is not None and not self._storage_has(step):
+            raise CheckpointNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
+            )
+        problems: list[str] = []
+        for s in steps:
+            try:
+                m = self._manifest(s)
+            except CorruptCheckpointError as exc:
+                problems.append(f"step {s}: {exc}")
+                continue
+            paths = _array_paths(m)
+            where = f"{self.directory}/manifests/{manifest_name(s)}"
+            found = verify_manifest(self._storage, m, self._pool, _describer(paths), where)
+            problems += [f"step {s}: {p}" for p in found]
+        if problems:
+            raise CorruptCheckpointError(
+                f"{len(problems)} problem(s) in {self.directory}: " + "; ".join(problems[:5]),
+                path=self.directory,
+                step=step,
+                problems=problems,
+            )
+        return steps
+
+
+def _describer(paths: dict[int, str]) -> Callable[[int], str]:
+    return lambda i: f"array {paths.get(i, str(i))}"
+
+
+def _array_paths(m: Manifest) -> dict[int, str]:
+    out: dict[int, str] = {}
+
+    def walk(node: dict[str, Any], path: tuple[str | int, ...]) -> None:
+        ((kind, body),) = node.items()
+        if kind in ("array", "scalar"):
+            out[body] = display_path(path)
+        elif kind == "dict":
+            for k, v in body.items():
+                walk(v, (*path, k))
+        elif kind in ("list", "tuple"):
+            for i, v in enumerate(body):
+                walk(v, (*path, i))
+        elif kind == "object":
+            walk(body["state"], path)
+
+    walk(m.tree, ())
+    if m.rng is not None:
+        walk(m.rng, ("<rng>",))
+    return out

@@ -1,0 +1,276 @@
+"""Where checkpoint bytes live: the storage protocol and the local-disk backend.
+
+The store above talks to a :class:`Storage` in terms of the checkpoint layout (manifests,
+content-addressed objects, temporaries, the writer lock), never in terms of raw paths, so
+a backend for another filesystem only has to provide these few verbs with the same
+guarantees. This module is also the single boundary where ``OSError`` becomes
+:class:`~pitstop.StorageError` (see :func:`translate_errors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from . import _commit
+from ._errors import DirectoryLockedError, StorageError
+
+__all__ = [
+    "LocalStorage",
+    "MissingFileError",
+    "ShortReadError",
+    "Storage",
+    "WriterLock",
+    "open_storage",
+    "translate_errors",
+]
+
+LOCK_NAME = "writer.lock"
+MAX_MANIFEST_BYTES = 1 << 30
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or lower max_to_keep",
+    errno.EDQUOT: "the disk quota is exhausted: free space or lower max_to_keep",
+    errno.EACCES: "permission denied: check the directory's owner and mode",
+    errno.EPERM: "operation not permitted: check the directory's owner and mode",
+    errno.EROFS: "the filesystem is read-only: choose a writable checkpoint directory",
+    errno.EIO: "an I/O error from the device: check the disk or storage service",
+}
+
+
+class MissingFileError(StorageError, FileNotFoundError):
+    """A file the checkpoint refers to does not exist (the reader reports it as corrupt)."""
+
+
+class ShortReadError(StorageError):
+    """A file ends before the bytes the checkpoint refers to (the reader reports it as corrupt)."""
+
+
+@contextlib.contextmanager
+def translate_errors(action: str, path: str) -> Iterator[None]:
+    """Turn any ``OSError`` raised inside into a :class:`StorageError` naming ``path``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        raise MissingFileError(f"{action} {path} failed: file not found", path=path) from exc
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        hint = _HINTS.get(exc.errno or 0, "")
+        tail = f" ({hint}); earlier checkpoints are intact" if hint else "; earlier checkpoints are intact"
+        raise StorageError(f"{action} {path} failed: {reason}{tail}", path=path) from exc
+
+
+class WriterLock(Protocol):
+    """Held by the one manager allowed to write a directory."""
+
+    def release(self) -> None: ...
+
+
+class Storage(Protocol):
+    """The verbs the checkpoint store needs from a filesystem.
+
+    Object and manifest names are plain file names (validated by the caller); a backend
+    never sees a path from a manifest.
+    """
+
+    location: str
+
+    def ensure_layout(self) -> None: ...
+    def list_manifests(self) -> list[str]: ...
+    def read_manifest(self, name: str) -> bytes: ...
+    def publish_manifest(self, name: str, data: bytes) -> None: ...
+    def delete_manifest(self, name: str) -> None: ...
+    def list_objects(self) -> list[str]: ...
+    def list_temporaries(self) -> list[str]: ...
+    def write_object(self, name: str, buffers: Sequence[memoryview]) -> int: ...
+    def sync_objects(self) -> None: ...
+    def object_size(self, name: str) -> int | None: ...
+    def read_object_into(self, name: str, offset: int, buffer: memoryview) -> None: ...
+    def delete_object(self, name: str) -> None: ...
+    def delete_temporary(self, name: str) -> None: ...
+    def lock(self) -> WriterLock: ...
+
+
+class _FlockLock:
+    """An ``flock`` on ``writer.lock``: the kernel drops it when its process dies."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+class LocalStorage:
+    """A checkpoint directory on a local (POSIX) filesystem, with fsync'd commits."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.location = self.root
+        self._manifests = os.path.join(self.root, _commit.MANIFEST_DIR)
+        self._objects = os.path.join(self.root, _commit.OBJECT_DIR)
+
+    # -- layout -----------------------------------------------------------------------
+    def ensure_layout(self) -> None:
+        with translate_errors("creating checkpoint directory", self.root):
+            created = False
+            for d in (self.root, self._manifests, self._objects):
+                if not os.path.isdir(d):
+                    os.makedirs(d, exist_ok=True)
+                    created = True
+            if created:
+                _commit.fsync_dir(self.root)
+                parent = os.path.dirname(self.root)
+                if parent:
+                    _commit.fsync_dir(parent)
+
+    def _list(self, directory: str) -> list[str]:
+        with translate_errors("listing", directory):
+            try:
+                return os.listdir(directory)
+            except FileNotFoundError:
+                return []
+
+    # -- manifests --------------------------------------------------------------------
+    def list_manifests(self) -> list[str]:
+        return [n for n in self._list(self._manifests) if not _commit.is_temporary(n)]
+
+    def read_manifest(self, name: str) -> bytes:
+        path = os.path.join(self._manifests, name)
+        with translate_errors("reading manifest", path), open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise StorageError(
+                    f"manifest {path} is {size} bytes, more than the {MAX_MANIFEST_BYTES} "
+                    "a checkpoint may have: it is not a pitstop manifest",
+                    path=path,
+                )
+            return f.read(MAX_MANIFEST_BYTES + 1)
+
+    def publish_manifest(self, name: str, data: bytes) -> None:
+        with translate_errors("committing manifest", os.path.join(self._manifests, name)):
+            _commit.publish(self._manifests, name, data)
+
+    def delete_manifest(self, name: str) -> None:
+        path = os.path.join(self._manifests, name)
+        with translate_errors("deleting manifest", path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            _commit.fsync_dir(self._manifests)
+
+    # -- objects ----------------------------------------------------------------------
+    def list_objects(self) -> list[str]:
+        return [n for n in self._list(self._objects) if not _commit.is_temporary(n)]
+
+    def list_temporaries(self) -> list[str]:
+        out = []
+        for sub, d in ((_commit.MANIFEST_DIR, self._manifests), (_commit.OBJECT_DIR, self._objects)):
+            out += [f"{sub}/{n}" for n in self._list(d) if _commit.is_temporary(n)]
+        return out
+
+    def write_object(self, name: str, buffers: Sequence[memoryview]) -> int:
+        with translate_errors("writing", os.path.join(self._objects, name)):
+            return _commit.durable_write(self._objects, name, buffers)
+
+    def sync_objects(self) -> None:
+        with translate_errors("syncing", self._objects):
+            _commit.fsync_dir(self._objects)
+
+    def object_size(self, name: str) -> int | None:
+        path = os.path.join(self._objects, name)
+        with translate_errors("inspecting", path):
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def read_object_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        path = os.path.join(self._objects, name)
+        with translate_errors("reading", path):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+                pos = 0
+                while pos < view.nbytes:
+                    n = os.preadv(fd, [view[pos:]], offset + pos)
+                    if n == 0:
+                        raise ShortReadError(
+                            f"reading {path} failed: the file ends at byte {offset + pos}, "
+                            f"{view.nbytes - pos} bytes short (truncated)",
+                            path=path,
+                        )
+                    pos += n
+            finally:
+                os.close(fd)
+
+    def delete_object(self, name: str) -> None:
+        path = os.path.join(self._objects, name)
+        with translate_errors("deleting", path), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def delete_temporary(self, name: str) -> None:
+        sub, _, base = name.partition("/")
+        if sub not in (_commit.MANIFEST_DIR, _commit.OBJECT_DIR) or not _commit.is_temporary(base):
+            raise ValueError(f"not a temporary file of this directory: {name!r}")
+        path = os.path.join(self.root, sub, base)
+        with translate_errors("deleting", path), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    # -- the writer lock --------------------------------------------------------------
+    def lock(self) -> WriterLock:
+        path = os.path.join(self.root, LOCK_NAME)
+        with translate_errors("locking", path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise DirectoryLockedError(
+                    f"checkpoint directory {self.root} is being written by another manager "
+                    f"({holder}). Only one writer per directory is allowed: stop the other "
+                    "job or give this one its own directory. Reading needs no lock.",
+                    path=self.root,
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            return _FlockLock(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {int(info['pid'])} on host {str(info['host'])[:100]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def open_storage(location: str, storage_options: dict[str, object] | None = None) -> Storage:
+    """The backend for a local path or an fsspec URL (``s3://``, ``memory://``, ...)."""
+    if "://" in location and not location.startswith("file://"):
+        from ._fsspec_storage import FsspecStorage
+
+        return FsspecStorage(location, storage_options or {})
+    if location.startswith("file://"):
+        location = location[len("file://") :]
+    return LocalStorage(os.fspath(location))

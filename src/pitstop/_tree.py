@@ -1,0 +1,463 @@
+"""The state tree: flattening a state into manifest nodes + arrays, and restoring it.
+
+A state is a nested mapping/list whose leaves are arrays, plain JSON values or stateful
+objects (anything with ``state_dict()``/``load_state_dict()``, or a framework object an
+adapter wraps into one). Saving turns it into a JSON tree of typed nodes that refers to
+arrays by index, visiting dict keys in sorted order so equal states give equal files.
+
+Restoring into a given state is done in two phases: :func:`plan_restore` walks the saved
+tree and the given state together and collects every missing, unexpected and mismatched
+entry *before anything is modified*; only a clean (or non-strict) plan is then executed:
+arrays are read in place, plain values written back, ``load_state_dict`` called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ._dtypes import dtype_from_name, dtype_name, storage_dtype
+from ._errors import Mismatch, UnsupportedStateError
+from ._manifest import ArrayEntry
+
+__all__ = [
+    "RestorePlan",
+    "Stateful",
+    "build_tree",
+    "display_path",
+    "flatten_state",
+    "plan_restore",
+    "register_adapter",
+]
+
+PathT = tuple[str | int, ...]
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An object pitstop saves through its state dict (a tree of arrays and values)."""
+
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+Adapter = Callable[[object], "Stateful | None"]
+_ADAPTERS: list[Adapter] = []
+# Framework adapters live in their own modules and register themselves when imported.
+# They are imported only when an object of that framework appears in a state, so
+# `import pitstop` never loads a framework.
+_ADAPTER_MODULES = {
+    "tensorflow": "pitstop.tensorflow",
+    "keras": "pitstop.tensorflow",
+    "tf_keras": "pitstop.tensorflow",
+    "torch": "pitstop.torch",
+}
+_loaded_adapter_modules: set[str] = set()
+
+
+def register_adapter(adapter: Adapter) -> None:
+    """Register a function that wraps framework objects into :class:`Stateful` ones."""
+    _ADAPTERS.insert(0, adapter)
+
+
+def as_stateful(obj: object) -> Stateful | None:
+    """The stateful view of ``obj``, or ``None`` when it is not a stateful object."""
+    root = type(obj).__module__.partition(".")[0]
+    module = _ADAPTER_MODULES.get(root)
+    if module and module not in _loaded_adapter_modules and root in sys.modules:
+        _loaded_adapter_modules.add(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    for adapter in _ADAPTERS:
+        wrapped = adapter(obj)
+        if wrapped is not None:
+            return wrapped
+    if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+        return obj  # type: ignore[return-value]
+    return None
+
+
+def display_path(path: PathT) -> str:
+    """A readable path: ``model/layers/0/kernel``; odd keys are quoted."""
+    if not path:
+        return "<root>"
+    parts = []
+    for p in path:
+        if isinstance(p, int):
+            parts.append(str(p))
+        elif p and "/" not in p and p.isprintable() and not p.isdigit():
+            parts.append(p)
+        else:
+            parts.append(repr(p))
+    return "/".join(parts)
+
+
+def describe_array(dtype: str, shape: tuple[int, ...]) -> str:
+    return f"{dtype}{list(shape)}"
+
+
+def _object_type(obj: object) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def prepare_array(a: np.ndarray[Any, Any], path: PathT) -> np.ndarray[Any, Any]:
+    """``a`` as C-contiguous little-endian (a copy only when needed); checks the dtype."""
+    dtype_name(a.dtype, display_path(path))
+    target = storage_dtype(a.dtype)
+    if a.dtype != target:
+        a = a.astype(target)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+@dataclass
+class FlatState:
+    """A state flattened for saving: the JSON trees and their arrays, in tree order."""
+
+    tree: dict[str, Any]
+    rng: dict[str, Any] | None
+    arrays: list[np.ndarray[Any, Any]] = field(default_factory=list)
+    paths: list[PathT] = field(default_factory=list)
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray[Any, Any]] = []
+        self.paths: list[PathT] = []
+        self._active: set[int] = set()
+
+    def _array(self, kind: str, a: np.ndarray[Any, Any], path: PathT) -> dict[str, Any]:
+        self.arrays.append(prepare_array(a, path))
+        self.paths.append(path)
+        return {kind: len(self.arrays) - 1}
+
+    def node(self, obj: Any, path: PathT) -> dict[str, Any]:
+        if obj is None or isinstance(obj, (bool, str)):
+            return {"value": obj}
+        if isinstance(obj, int) and not isinstance(obj, np.integer):
+            return {"value": int(obj)}
+        if isinstance(obj, float):
+            return {"value": float(obj)} if math.isfinite(obj) else {"float": repr(float(obj))}
+        if isinstance(obj, np.ndarray):
+            return self._array("array", obj, path)
+        if isinstance(obj, np.generic):
+            return self._array("scalar", np.asarray(obj), path)
+        if len(path) > 300:
+            raise UnsupportedStateError(f"state is nested more than 300 levels deep at {display_path(path[:5])}/...")
+        if isinstance(obj, (Mapping, list, tuple)):
+            if id(obj) in self._active:
+                raise UnsupportedStateError(f"state contains a reference cycle at {display_path(path)}")
+            self._active.add(id(obj))
+            try:
+                if isinstance(obj, Mapping):
+                    items = {}
+                    for k in obj:
+                        if not isinstance(k, str):
+                            raise UnsupportedStateError(
+                                f"state key {k!r} at {display_path(path)} is a {type(k).__name__}; "
+                                "checkpoint keys must be strings"
+                            )
+                    for k in sorted(obj):
+                        items[k] = self.node(obj[k], (*path, k))
+                    return {"dict": items}
+                kind = "list" if isinstance(obj, list) else "tuple"
+                return {kind: [self.node(v, (*path, i)) for i, v in enumerate(obj)]}
+            finally:
+                self._active.discard(id(obj))
+        stateful = as_stateful(obj)
+        if stateful is not None:
+            if id(obj) in self._active:
+                raise UnsupportedStateError(f"state contains a reference cycle at {display_path(path)}")
+            self._active.add(id(obj))
+            try:
+                return {"object": {"type": _object_type(obj), "state": self.node(stateful.state_dict(), path)}}
+            finally:
+                self._active.discard(id(obj))
+        if hasattr(obj, "__array__"):
+            return self._array("array", np.asarray(obj), path)
+        raise UnsupportedStateError(
+            f"cannot checkpoint {display_path(path)}: a {_object_type(obj)} is neither an array, "
+            "a JSON value (None, bool, int, float, str), a dict/list, nor an object with "
+            "state_dict()/load_state_dict(). Convert it, or give it those two methods."
+        )
+
+
+def flatten_state(state: Any, rng: Any = None) -> FlatState:
+    """Flatten ``state`` (see module docstring) and the captured RNG states into trees.
+
+    Raises:
+        UnsupportedStateError: for leaves pitstop cannot store, non-string keys, cycles.
+    """
+    f = _Flattener()
+    tree = f.node(state, ())
+    rng_tree = None if rng is None else f.node(rng, ("<rng>",))
+    return FlatState(tree, rng_tree, f.arrays, f.paths)
+
+
+def build_tree(node: dict[str, Any], arrays: Mapping[int, np.ndarray[Any, Any]]) -> Any:
+    """Rebuild a plain tree (dicts, lists, NumPy arrays, values) from a validated node."""
+    ((kind, body),) = node.items()
+    if kind == "dict":
+        return {k: build_tree(v, arrays) for k, v in body.items()}
+    if kind == "list":
+        return [build_tree(v, arrays) for v in body]
+    if kind == "tuple":
+        return tuple(build_tree(v, arrays) for v in body)
+    if kind == "array":
+        return arrays[body]
+    if kind == "scalar":
+        return arrays[body][()]
+    if kind == "value":
+        return body
+    if kind == "float":
+        return float(body)
+    return build_tree(body["state"], arrays)  # object: its state dict
+
+
+def node_arrays(node: dict[str, Any]) -> list[int]:
+    """Indices of every array below ``node``."""
+    ((kind, body),) = node.items()
+    if kind in ("array", "scalar"):
+        return [body]
+    if kind == "dict":
+        children = list(body.values())
+    elif kind in ("list", "tuple"):
+        children = body
+    elif kind == "object":
+        children = [body["state"]]
+    else:
+        return []
+    return [i for c in children for i in node_arrays(c)]
+
+
+def _describe_node(node: dict[str, Any], entries: list[ArrayEntry]) -> str:
+    ((kind, body),) = node.items()
+    if kind in ("array", "scalar"):
+        e = entries[body]
+        return describe_array(e.dtype, e.shape)
+    if kind in ("list", "tuple"):
+        return f"{kind} of {len(body)}"
+    if kind == "value":
+        return f"value {body!r}"[:60]
+    if kind == "float":
+        return f"value {body}"
+    return kind
+
+
+def _describe_target(obj: Any) -> str:
+    if isinstance(obj, np.ndarray):
+        try:
+            name = dtype_name(obj.dtype)
+        except UnsupportedStateError:
+            name = str(obj.dtype)
+        return describe_array(name, obj.shape)
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__} of {len(obj)}"
+    if isinstance(obj, Mapping):
+        return "dict"
+    return type(obj).__name__
+
+
+def _is_plain(obj: Any) -> bool:
+    return obj is None or (isinstance(obj, (bool, int, float, str)) and not isinstance(obj, np.generic))
+
+
+Resolver = Callable[[Mapping[int, np.ndarray[Any, Any]]], Any]
+
+
+@dataclass
+class RestorePlan:
+    """What restoring a saved tree into a given state will do, and what does not fit."""
+
+    reads: dict[int, np.ndarray[Any, Any] | None] = field(default_factory=dict)
+    fixups: list[Callable[[Mapping[int, np.ndarray[Any, Any]]], None]] = field(default_factory=list)
+    missing: list[Mismatch] = field(default_factory=list)
+    unexpected: list[Mismatch] = field(default_factory=list)
+    mismatched: list[Mismatch] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def execute(self, arrays: Mapping[int, np.ndarray[Any, Any]]) -> None:
+        for fix in self.fixups:
+            fix(arrays)
+
+
+class _Planner:
+    def __init__(self, entries: list[ArrayEntry], plan: RestorePlan) -> None:
+        self.entries = entries
+        self.plan = plan
+
+    def _fresh(self, node: dict[str, Any], path: PathT) -> Resolver:
+        for i in node_arrays(node):
+            self.plan.reads.setdefault(i, None)
+        self.plan.restored.append(display_path(path))
+        return lambda arrays: build_tree(node, arrays)
+
+    def walk(self, node: dict[str, Any], target: Any, path: PathT) -> Resolver | None:
+        """Plan restoring ``node`` into ``target``; returns a resolver when the parent must
+        store a new value in place of ``target`` (immutables), else ``None``."""
+        ((kind, body),) = node.items()
+        if kind == "object":
+            node, ((kind, body),) = body["state"], body["state"].items()
+        if _is_plain(target) or isinstance(target, np.generic):
+            return self._scalar_or_value(node, target, path)
+        stateful = None if isinstance(target, (Mapping, list, tuple, np.ndarray)) else as_stateful(target)
+        if stateful is not None:
+            sub = stateful.state_dict()
+            inner = self.walk(node, sub, path)
+            self.plan.fixups.append(lambda arrays: stateful.load_state_dict(inner(arrays) if inner else sub))
+            return None
+        if isinstance(target, np.ndarray):
+            return self._array(node, target, path)
+        if isinstance(target, Mapping):
+            if kind != "dict":
+                self._mismatch(path, node, target)
+                return None
+            for key in sorted(set(body) | set(target)):
+                child_path = (*path, key)
+                if key not in body:
+                    self.plan.missing.append(Mismatch(display_path(child_path), None, _describe_target(target[key])))
+                elif key not in target:
+                    desc = _describe_node(body[key], self.entries)
+                    self.plan.unexpected.append(Mismatch(display_path(child_path), desc, None))
+                else:
+                    r = self.walk(body[key], target[key], child_path)
+                    if r is not None:
+                        self.plan.fixups.append(_setter(target, key, r))
+            return None
+        if isinstance(target, (list, tuple)):
+            if kind not in ("list", "tuple"):
+                self._mismatch(path, node, target)
+                return None
+            resolvers: list[Resolver | None] = []
+            for i in range(max(len(body), len(target))):
+                child_path = (*path, i)
+                if i >= len(body):
+                    self.plan.missing.append(Mismatch(display_path(child_path), None, _describe_target(target[i])))
+                elif i >= len(target):
+                    desc = _describe_node(body[i], self.entries)
+                    self.plan.unexpected.append(Mismatch(display_path(child_path), desc, None))
+                else:
+                    resolvers.append(self.walk(body[i], target[i], child_path))
+                    continue
+                resolvers.append(None)
+            if isinstance(target, list):
+                for i, r in enumerate(resolvers):
+                    if r is not None:
+                        self.plan.fixups.append(_setter(target, i, r))
+                return None
+            items = list(target)
+            return lambda arrays: tuple(
+                r(arrays) if r is not None else items[i] for i, r in enumerate(resolvers[: len(items)])
+            )
+        raise UnsupportedStateError(
+            f"cannot restore into {display_path(path)}: a {_object_type(target)} is neither an "
+            "array, a JSON value, a dict/list, nor an object with state_dict()/load_state_dict()"
+        )
+
+    def _scalar_or_value(self, node: dict[str, Any], target: Any, path: PathT) -> Resolver:
+        ((kind, body),) = node.items()
+        if isinstance(target, np.generic):
+            if kind != "scalar":
+                self._mismatch(path, node, target)
+                return lambda arrays: target
+            e = self.entries[body]
+            if e.dtype != dtype_name(target.dtype):
+                self.plan.mismatched.append(
+                    Mismatch(
+                        display_path(path),
+                        describe_array(e.dtype, e.shape),
+                        describe_array(dtype_name(target.dtype), ()),
+                    )
+                )
+        return self._fresh(node, path)
+
+    def _array(self, node: dict[str, Any], target: np.ndarray[Any, Any], path: PathT) -> Resolver | None:
+        ((kind, body),) = node.items()
+        if kind != "array":
+            self._mismatch(path, node, target)
+            return None
+        e = self.entries[body]
+        try:
+            expected = dtype_name(target.dtype, display_path(path))
+        except UnsupportedStateError:
+            expected = str(target.dtype)
+        if e.dtype != expected or e.shape != target.shape:
+            self.plan.mismatched.append(
+                Mismatch(display_path(path), describe_array(e.dtype, e.shape), describe_array(expected, target.shape))
+            )
+            return None
+        self.plan.restored.append(display_path(path))
+        if not target.flags.writeable:
+            self.plan.reads[body] = None
+            return lambda arrays: arrays[body]
+        self.plan.reads[body] = target
+        return None
+
+    def _mismatch(self, path: PathT, node: dict[str, Any], target: Any) -> None:
+        self.plan.mismatched.append(
+            Mismatch(display_path(path), _describe_node(node, self.entries), _describe_target(target))
+        )
+
+
+def _setter(container: Any, key: Any, resolver: Resolver) -> Callable[[Mapping[int, np.ndarray[Any, Any]]], None]:
+    def fix(arrays: Mapping[int, np.ndarray[Any, Any]]) -> None:
+        container[key] = resolver(arrays)
+
+    return fix
+
+
+def plan_restore(node: dict[str, Any], target: Any, entries: list[ArrayEntry]) -> tuple[RestorePlan, Resolver | None]:
+    """Plan restoring a saved tree ``node`` into ``target`` without modifying anything.
+
+    Returns:
+        The plan and, when ``target`` itself is immutable, a resolver for its new value.
+    """
+    plan = RestorePlan()
+    root = _Planner(entries, plan).walk(node, target, ())
+    return plan, root
+
+
+def rename_hints(missing: list[Mismatch], unexpected: list[Mismatch]) -> list[str]:
+    """Likely renames: a saved and an expected entry of the same dtype and shape whose
+    paths differ only in a prefix or in one component (an index, a layer name)."""
+    hints = []
+    used: set[str] = set()
+    for m in missing:
+        best: tuple[int, Mismatch] | None = None
+        mparts = m.path.split("/")
+        for u in unexpected:
+            if u.path in used or u.saved != m.expected:
+                continue
+            uparts = u.path.split("/")
+            suffix = 0
+            while suffix < min(len(mparts), len(uparts)) and mparts[-1 - suffix] == uparts[-1 - suffix]:
+                suffix += 1
+            differing = sum(a != b for a, b in zip(mparts, uparts, strict=False)) if len(mparts) == len(uparts) else 99
+            score = suffix * 2 + (3 if differing == 1 else 0)
+            if (suffix or differing == 1) and (best is None or score > best[0]):
+                best = (score, u)
+        if best is not None:
+            used.add(best[1].path)
+            hints.append(
+                f"saved {best[1].path!r} ({best[1].saved}) looks like the expected {m.path!r}: was it renamed?"
+            )
+    return hints
+
+
+def dtype_for(entry: ArrayEntry) -> np.dtype[Any]:
+    dt = dtype_from_name(entry.dtype)
+    assert dt is not None  # manifests are validated on read
+    return dt
