@@ -141,16 +141,16 @@ class _Flattener:
         return {kind: len(self.arrays) - 1}
 
     def node(self, obj: Any, path: PathT) -> dict[str, Any]:
+        if isinstance(obj, np.ndarray):
+            return self._array("array", obj, path)
+        if isinstance(obj, np.generic):  # before float: np.float64 subclasses float
+            return self._array("scalar", np.asarray(obj), path)
         if obj is None or isinstance(obj, (bool, str)):
             return {"value": obj}
         if isinstance(obj, int) and not isinstance(obj, np.integer):
             return {"value": int(obj)}
         if isinstance(obj, float):
             return {"value": float(obj)} if math.isfinite(obj) else {"float": repr(float(obj))}
-        if isinstance(obj, np.ndarray):
-            return self._array("array", obj, path)
-        if isinstance(obj, np.generic):
-            return self._array("scalar", np.asarray(obj), path)
         if len(path) > 300:
             raise UnsupportedStateError(f"state is nested more than 300 levels deep at {display_path(path[:5])}/...")
         if isinstance(obj, (Mapping, list, tuple)):
@@ -328,10 +328,9 @@ class _Planner:
             for key in sorted(set(body) | set(target)):
                 child_path = (*path, key)
                 if key not in body:
-                    self.plan.missing.append(Mismatch(display_path(child_path), None, _describe_target(target[key])))
+                    self._missing(target[key], child_path)
                 elif key not in target:
-                    desc = _describe_node(body[key], self.entries)
-                    self.plan.unexpected.append(Mismatch(display_path(child_path), desc, None))
+                    self._unexpected(body[key], child_path)
                 else:
                     r = self.walk(body[key], target[key], child_path)
                     if r is not None:
@@ -345,10 +344,9 @@ class _Planner:
             for i in range(max(len(body), len(target))):
                 child_path = (*path, i)
                 if i >= len(body):
-                    self.plan.missing.append(Mismatch(display_path(child_path), None, _describe_target(target[i])))
+                    self._missing(target[i], child_path)
                 elif i >= len(target):
-                    desc = _describe_node(body[i], self.entries)
-                    self.plan.unexpected.append(Mismatch(display_path(child_path), desc, None))
+                    self._unexpected(body[i], child_path)
                 else:
                     resolvers.append(self.walk(body[i], target[i], child_path))
                     continue
@@ -405,6 +403,36 @@ class _Planner:
             return lambda arrays: arrays[body]
         self.plan.reads[body] = target
         return None
+
+    def _missing(self, target: Any, path: PathT) -> None:
+        """Report every leaf of a subtree the checkpoint lacks (not just its root)."""
+        if isinstance(target, Mapping) and target:
+            for k in sorted(target):
+                self._missing(target[k], (*path, k))
+            return
+        if isinstance(target, (list, tuple)) and target:
+            for i, v in enumerate(target):
+                self._missing(v, (*path, i))
+            return
+        stateful = None if _is_plain(target) or isinstance(target, (np.ndarray, np.generic)) else as_stateful(target)
+        if stateful is not None:
+            self._missing(stateful.state_dict(), path)
+            return
+        self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
+
+    def _unexpected(self, node: dict[str, Any], path: PathT) -> None:
+        """Report every leaf of a saved subtree the given state lacks."""
+        ((kind, body),) = node.items()
+        if kind == "object":
+            self._unexpected(body["state"], path)
+        elif kind == "dict" and body:
+            for k in sorted(body):
+                self._unexpected(body[k], (*path, k))
+        elif kind in ("list", "tuple") and body:
+            for i, v in enumerate(body):
+                self._unexpected(v, (*path, i))
+        else:
+            self.plan.unexpected.append(Mismatch(display_path(path), _describe_node(node, self.entries), None))
 
     def _mismatch(self, path: PathT, node: dict[str, Any], target: Any) -> None:
         self.plan.mismatched.append(
