@@ -12,6 +12,7 @@ durable one. Nothing else in pitstop creates files on a local disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Sequence
@@ -35,7 +36,8 @@ OBJECT_DIR = "objects"
 TMP_PREFIX = ".tmp-"
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_MAX_IOV = 512  # stay well below IOV_MAX (1024 on Linux)
+_MAX_IOV = 512
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # stay well below IOV_MAX (1024 on Linux)
 
 
 def temporary_name(final_name: str) -> str:
@@ -125,7 +127,10 @@ def publish(directory: str, final_name: str, data: bytes) -> None:
             os.link(tmp, final)
         except FileExistsError:
             raise
-        except OSError:  # filesystems without hard links
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            # filesystems without hard links (some FUSE/SMB mounts): check, then rename
             if os.path.exists(final):
                 raise FileExistsError(final) from None
             os.replace(tmp, final)

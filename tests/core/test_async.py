@@ -1,0 +1,126 @@
+"""Async saves: snapshot semantics, one save in flight, background failures surface."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pitstop
+from pitstop import CheckpointManager
+from pitstop._storage import LocalStorage
+
+
+def test_mutation_after_save_returns_does_not_leak(ckdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    original = LocalStorage.write_object
+
+    def slow_write(self: LocalStorage, name: str, buffers: Any) -> int:
+        gate.wait(10)  # hold the background write until the test has mutated the state
+        return original(self, name, buffers)
+
+    monkeypatch.setattr(LocalStorage, "write_object", slow_write)
+    state = {"w": np.zeros(100_000), "meta": {"epoch": 1}, "items": [np.ones(3)]}
+    with CheckpointManager(ckdir) as mgr:
+        assert mgr.save(1, state)
+        state["w"] += 5  # training goes on while the save is written
+        state["items"][0][:] = -1
+        state["meta"]["epoch"] = 2
+        gate.set()
+        mgr.wait_until_finished()
+        tree = mgr.restore()[1]
+    assert not tree["w"].any()
+    assert tree["items"][0].tolist() == [1, 1, 1]
+    assert tree["meta"]["epoch"] == 1
+
+
+def test_snapshot_buffers_are_reused_between_saves(ckdir: Path) -> None:
+    state = {"w": np.zeros(1000)}
+    with CheckpointManager(ckdir) as mgr:
+        mgr.save(1, state)
+        first = mgr._buffers[0]
+        state["w"][:] = 1
+        mgr.save(2, state)
+        assert mgr._buffers[0] is first  # no new host allocation for an unchanged layout
+        mgr.wait_until_finished()
+        assert mgr.restore(step=1)[1]["w"].sum() == 0
+        assert mgr.restore(step=2)[1]["w"].sum() == 1000
+
+
+def test_background_failure_surfaces_on_next_call(ckdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pitstop import _commit
+
+    original = _commit._write_all
+    fail = {"on": False}
+
+    def flaky(fd: int, buffers: Any) -> int:
+        if fail["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(fd, buffers)
+
+    monkeypatch.setattr(_commit, "_write_all", flaky)
+    mgr = CheckpointManager(ckdir)
+    mgr.save(1, {"w": np.arange(10.0)})
+    mgr.wait_until_finished()
+    fail["on"] = True
+    assert mgr.save(2, {"w": np.arange(10.0) + 1})  # returns: the failure happens in the background
+    with pytest.raises(pitstop.StorageError, match="disk is full") as info:
+        mgr.save(3, {"w": np.arange(10.0) + 2})
+    assert info.value.path is not None
+    assert "objects" in info.value.path
+    assert mgr.all_steps() == [1]  # the failed step never appears committed
+    fail["on"] = False
+    mgr.save(3, {"w": np.arange(10.0) + 2})  # usable again once the fault is gone
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [1, 3]
+    fail["on"] = True
+    mgr.save(4, {"w": np.arange(10.0) + 3})
+    with pytest.raises(pitstop.StorageError):
+        mgr.close()  # close() re-raises too
+    with CheckpointManager(ckdir) as reader:
+        assert reader.all_steps() == [1, 3]
+        reader.verify()
+
+
+FAULTS = {
+    errno.EIO: "I/O error",
+    errno.ENOSPC: "disk is full",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "read-only",
+}
+
+
+@pytest.mark.parametrize("code", list(FAULTS), ids=[errno.errorcode[c] for c in FAULTS])
+@pytest.mark.parametrize("where", ["fsync", "rename", "link", "listdir", "open"])
+def test_oserrors_become_storage_errors_and_nothing_is_lost(
+    ckdir: Path, monkeypatch: pytest.MonkeyPatch, where: str, code: int
+) -> None:
+    import os
+
+    with CheckpointManager(ckdir, async_save=False) as mgr:
+        mgr.save(1, {"w": np.arange(5.0)})
+    target = {"fsync": "fsync", "rename": "replace", "link": "link", "listdir": "listdir", "open": "open"}[where]
+    real = getattr(os, target)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    mgr = CheckpointManager(ckdir, async_save=False)
+    mgr.all_steps()
+    monkeypatch.setattr(os, target, broken)
+    with pytest.raises(pitstop.StorageError, match=FAULTS[code]) as info:
+        mgr.save(2, {"w": np.arange(5.0) + 1})
+    assert str(ckdir) in str(info.value)
+    assert "earlier checkpoints are intact" in str(info.value)
+    monkeypatch.setattr(os, target, real)
+    assert mgr.all_steps() == [1]
+    mgr.save(2, {"w": np.arange(5.0) + 1})
+    assert mgr.all_steps() == [1, 2]
+    mgr.close()
+    with CheckpointManager(ckdir) as reader:
+        reader.verify()
+        assert reader.restore(step=1)[1]["w"].tolist() == [0, 1, 2, 3, 4]
