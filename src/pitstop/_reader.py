@@ -87,7 +87,7 @@ def _run(
             _read_object(storage, name, pieces, problems)
         except MissingFileError:
             for p in pieces:
-                problems.append((p.array, f"object {name} is missing"))
+                problems.append((p.array, f"object {name} is missing (or a symbolic link)"))
         except ShortReadError:
             for p in pieces:
                 problems.append((p.array, f"object {name} is truncated"))
@@ -107,6 +107,34 @@ def _run(
         )
 
 
+def _check_objects(storage: Storage, manifest: Manifest, requests: Mapping[int, Any], where: str) -> None:
+    """Before allocating anything: every object exists and holds the bytes referenced.
+
+    A hostile manifest could otherwise claim a terabyte array and make the reader
+    allocate it; with this check it needs a terabyte file on disk first.
+    """
+    needed: dict[str, int] = {}
+    for i in requests:
+        for seg in manifest.arrays[i].segments:
+            needed[seg.object] = max(needed.get(seg.object, 0), seg.offset + seg.length)
+    problems = []
+    for name, end in sorted(needed.items()):
+        size = storage.object_size(name)
+        if size is None:
+            problems.append(f"object {name} is missing (or a symbolic link)")
+        elif size < end:
+            problems.append(f"object {name} has {size} bytes, {end} are referenced (truncated)")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CorruptCheckpointError(
+            f"checkpoint step {manifest.step} at {where} is corrupt: {shown}. Restore an earlier step "
+            "(restore() without a step falls back automatically) or run `pitstop verify`.",
+            path=where,
+            step=manifest.step,
+            problems=problems,
+        )
+
+
 def read_arrays(
     storage: Storage,
     manifest: Manifest,
@@ -123,6 +151,7 @@ def read_arrays(
     Raises:
         CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
     """
+    _check_objects(storage, manifest, requests, where)
     out: dict[int, np.ndarray[Any, Any]] = {}
     copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
     by_object: dict[str, list[_Piece]] = defaultdict(list)

@@ -64,6 +64,8 @@ def translate_errors(action: str, path: str) -> Iterator[None]:
     except FileNotFoundError as exc:
         raise MissingFileError(f"{action} {path} failed: file not found", path=path) from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: never followed in a checkpoint
+            raise MissingFileError(f"{action} {path} failed: it is a symbolic link, not a file", path=path) from exc
         reason = exc.strerror or str(exc) or type(exc).__name__
         hint = _HINTS.get(exc.errno or 0, "")
         tail = f" ({hint}); earlier checkpoints are intact" if hint else "; earlier checkpoints are intact"
