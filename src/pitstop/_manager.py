@@ -36,7 +36,16 @@ from ._retention import KeepBest, KeepEveryN, KeepLatest, Record, RetentionRule,
 from ._rng import capture_rng as _capture_rng
 from ._rng import restore_rng
 from ._storage import MissingFileError, Storage, WriterLock, open_storage
-from ._tree import FlatState, build_tree, display_path, flatten_state, node_arrays, plan_restore, rename_hints
+from ._tree import (
+    FlatState,
+    build_tree,
+    display_path,
+    flatten_state,
+    node_arrays,
+    plan_restore,
+    rename_hints,
+    run_restore_hooks,
+)
 from ._writer import DedupIndex, SaveStats, write_checkpoint
 
 __all__ = ["CheckpointManager", "CorruptCheckpointWarning", "GcReport", "PartialRestoreWarning", "RestoreReport"]
@@ -551,6 +560,7 @@ class CheckpointManager:
             arrays = read_arrays(self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where)
             self.last_restore_report = RestoreReport(step, restored=["<all>"])
             return build_tree(m.tree, arrays)
+        run_restore_hooks(state)
         plan, root = plan_restore(m.tree, state, m.arrays)
         if not plan.ok:
             err = StateMismatchError(

@@ -71,6 +71,9 @@ register_rng("numpy", _np_capture, _np_restore)
 
 def capture_rng() -> dict[str, Any]:
     """The state of every registered global RNG."""
+    from ._tree import load_adapters
+
+    load_adapters()  # frameworks in use register their RNGs
     return {name: cap() for name, (cap, _) in _REGISTRY.items()}
 
 
@@ -79,6 +82,9 @@ def restore_rng(tree: Any, where: str) -> list[str]:
     (e.g. TensorFlow's, when TensorFlow is not in use in this process)."""
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(f"RNG state in {where} is not a mapping", path=where)
+    from ._tree import load_adapters
+
+    load_adapters()
     skipped = []
     for name, state in tree.items():
         entry = _REGISTRY.get(name)

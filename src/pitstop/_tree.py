@@ -66,17 +66,39 @@ def register_adapter(adapter: Adapter) -> None:
     _ADAPTERS.insert(0, adapter)
 
 
+RestoreHook = Callable[[Any], None]
+_RESTORE_HOOKS: list[RestoreHook] = []
+
+
+def register_restore_hook(hook: RestoreHook) -> None:
+    """Register a function called with the state before an in-place restore is planned
+    (e.g. to build a fresh optimizer for the model it belongs to)."""
+    _RESTORE_HOOKS.append(hook)
+
+
+def run_restore_hooks(state: Any) -> None:
+    load_adapters()
+    for hook in _RESTORE_HOOKS:
+        hook(state)
+
+
+def load_adapters() -> None:
+    """Import the adapter of every supported framework the program has imported."""
+    for root, module in _ADAPTER_MODULES.items():
+        if module not in _loaded_adapter_modules and root in sys.modules:
+            _loaded_adapter_modules.add(module)
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    raise
+
+
 def as_stateful(obj: object) -> Stateful | None:
     """The stateful view of ``obj``, or ``None`` when it is not a stateful object."""
     root = type(obj).__module__.partition(".")[0]
-    module = _ADAPTER_MODULES.get(root)
-    if module and module not in _loaded_adapter_modules and root in sys.modules:
-        _loaded_adapter_modules.add(module)
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    if root in _ADAPTER_MODULES:
+        load_adapters()
     for adapter in _ADAPTERS:
         wrapped = adapter(obj)
         if wrapped is not None:
@@ -94,7 +116,7 @@ def display_path(path: PathT) -> str:
     for p in path:
         if isinstance(p, int):
             parts.append(str(p))
-        elif p and "/" not in p and p.isprintable() and not p.isdigit():
+        elif p and "/" not in p and p.isprintable():
             parts.append(p)
         else:
             parts.append(repr(p))
