@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pitstop
 
 
 def test_all_is_sorted_and_complete() -> None:
     assert pitstop.__all__ == sorted(pitstop.__all__)
-    public = {n for n in dir(pitstop) if not n.startswith("_")} - {"annotations", "data"}
+    public = {
+        n for n in dir(pitstop) if not n.startswith("_") and not isinstance(getattr(pitstop, n), types.ModuleType)
+    } - {"annotations"}
     assert public <= set(pitstop.__all__) | {"__version__"}
     for name in pitstop.__all__:
         assert hasattr(pitstop, name)
