@@ -37,8 +37,8 @@ LEASE_SECONDS = 300.0
 def _translate(action: str, path: str) -> Iterator[None]:
     try:
         yield
-    except (StorageError, DirectoryLockedError):
-        raise
+    except (StorageError, DirectoryLockedError, FileExistsError):
+        raise  # FileExistsError: a committed step, reported by the manager
     except FileNotFoundError as exc:
         raise MissingFileError(f"{action} {path} failed: not found", path=path) from exc
     except Exception as exc:  # fsspec backends raise OSError, botocore errors, ...

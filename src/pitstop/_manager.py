@@ -78,6 +78,9 @@ class GcReport:
     bytes: int = 0
 
 
+MAX_STEP = 2**63 - 1
+
+
 def _default_threads() -> int:
     return max(4, min(16, 4 * (os.cpu_count() or 1)))
 
@@ -333,8 +336,8 @@ class CheckpointManager:
         self._check_open()
         if self._writer is not None:
             self._writer.wait()
-        if (type(step) is not int and not isinstance(step, np.integer)) or int(step) < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if (type(step) is not int and not isinstance(step, np.integer)) or not 0 <= int(step) <= MAX_STEP:
+            raise ValueError(f"step must be an int in [0, {MAX_STEP}], got {step!r}")
         step = int(step)
         if not force and step % self._interval:
             return False

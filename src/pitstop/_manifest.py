@@ -154,6 +154,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _InvalidError(f"number {text[:20]} overflows to infinity")
+    return value
+
+
 def _reject_constant(name: str) -> Any:
     raise _InvalidError(f"non-standard JSON constant {name}")
 
@@ -289,7 +296,9 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         if checksum(raw) != m.group(2).decode():
             raise _InvalidError("manifest checksum mismatch (the file was modified or damaged)")
         try:
-            body = json.loads(raw, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+            body = json.loads(
+                raw, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+            )
         except RecursionError:
             raise _InvalidError("the manifest is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as exc:

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 PathT = tuple[str | int, ...]
+MAX_NESTING = 300  # containers and stateful objects; the reader accepts 400 tree levels
 
 
 @runtime_checkable
@@ -163,6 +164,8 @@ class _Flattener:
         return {kind: len(self.arrays) - 1}
 
     def node(self, obj: Any, path: PathT) -> dict[str, Any]:
+        if isinstance(obj, str):  # before np.generic: np.str_ is a str
+            return {"value": str(obj)}
         if isinstance(obj, np.ndarray):
             return self._array("array", obj, path)
         if isinstance(obj, np.generic):  # before float: np.float64 subclasses float
@@ -173,8 +176,10 @@ class _Flattener:
             return {"value": int(obj)}
         if isinstance(obj, float):
             return {"value": float(obj)} if math.isfinite(obj) else {"float": repr(float(obj))}
-        if len(path) > 300:
-            raise UnsupportedStateError(f"state is nested more than 300 levels deep at {display_path(path[:5])}/...")
+        if len(self._active) >= MAX_NESTING:
+            raise UnsupportedStateError(
+                f"state is nested more than {MAX_NESTING} levels deep at {display_path(path[:5])}/..."
+            )
         if isinstance(obj, (Mapping, list, tuple)):
             if id(obj) in self._active:
                 raise UnsupportedStateError(f"state contains a reference cycle at {display_path(path)}")

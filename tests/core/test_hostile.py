@@ -158,3 +158,34 @@ def test_huge_claimed_array_is_refused_before_allocation(good: tuple[Path, dict[
     body["arrays"][0]["segments"] = [[obj, 0, huge, "0" * 32]]
     body["objects"][obj] = huge
     restore_with(good, tmp_path, envelope(body))  # CorruptCheckpointError, no MemoryError
+
+
+def test_overflowing_number_is_rejected() -> None:
+    body = {"format_version": 1, "hash": "xxh3-128", "step": 1, "time": 0.0, "tree": {"dict": {}}, "rng": None,
+            "arrays": [], "objects": {}, "metrics": {}, "metadata": {}, "versions": {}}  # fmt: skip
+    raw = json.dumps(body, separators=(",", ":")).replace('"time":0.0', '"time":1e999').encode()
+    with pytest.raises(pitstop.CorruptCheckpointError, match="infinity"):
+        decode_manifest(envelope(raw), where="x", step=1)
+
+
+def test_deeply_nested_stateful_objects_are_refused_on_save(tmp_path: Path) -> None:
+    class Wrap:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def state_dict(self) -> Any:
+            return self.inner
+
+        def load_state_dict(self, s: Any) -> None:
+            self.inner = s
+
+    state: Any = 1
+    for _ in range(450):
+        state = Wrap(state)
+    with pytest.raises(pitstop.UnsupportedStateError, match="nested"):
+        pitstop.save(tmp_path / "c", {"s": state})
+
+
+def test_step_out_of_range_is_refused(tmp_path: Path) -> None:
+    with pitstop.CheckpointManager(tmp_path / "c") as mgr, pytest.raises(ValueError, match="step"):
+        mgr.save(10**20, {"a": 1})
