@@ -38,8 +38,8 @@ from ._rng import restore_rng
 from ._storage import MissingFileError, Storage, WriterLock, open_storage
 from ._tree import (
     FlatState,
+    array_paths,
     build_tree,
-    display_path,
     flatten_state,
     node_arrays,
     plan_restore,
@@ -640,22 +640,4 @@ def _describer(paths: dict[int, str]) -> Callable[[int], str]:
 
 
 def _array_paths(m: Manifest) -> dict[int, str]:
-    out: dict[int, str] = {}
-
-    def walk(node: dict[str, Any], path: tuple[str | int, ...]) -> None:
-        ((kind, body),) = node.items()
-        if kind in ("array", "scalar"):
-            out[body] = display_path(path)
-        elif kind == "dict":
-            for k, v in body.items():
-                walk(v, (*path, k))
-        elif kind in ("list", "tuple"):
-            for i, v in enumerate(body):
-                walk(v, (*path, i))
-        elif kind == "object":
-            walk(body["state"], path)
-
-    walk(m.tree, ())
-    if m.rng is not None:
-        walk(m.rng, ("<rng>",))
-    return out
+    return array_paths(m.tree, m.rng)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -248,6 +248,31 @@ def build_tree(node: dict[str, Any], arrays: Mapping[int, np.ndarray[Any, Any]])
     if kind == "float":
         return float(body)
     return build_tree(body["state"], arrays)  # object: its state dict
+
+
+def walk_nodes(node: dict[str, Any], path: PathT = ()) -> Iterator[tuple[PathT, str, Any]]:
+    """Every node below ``node`` (itself first) as ``(path, kind, body)``, in tree order."""
+    ((kind, body),) = node.items()
+    yield path, kind, body
+    if kind == "dict":
+        for k, v in body.items():
+            yield from walk_nodes(v, (*path, k))
+    elif kind in ("list", "tuple"):
+        for i, v in enumerate(body):
+            yield from walk_nodes(v, (*path, i))
+    elif kind == "object":
+        yield from walk_nodes(body["state"], path)
+
+
+def array_paths(tree: dict[str, Any], rng: dict[str, Any] | None = None) -> dict[int, str]:
+    """Array index -> readable path, for the state tree and the RNG tree."""
+    out: dict[int, str] = {}
+    for root, start in ((tree, ()), (rng, ("<rng>",))):
+        if root is not None:
+            for path, kind, body in walk_nodes(root, start):
+                if kind in ("array", "scalar"):
+                    out[body] = display_path(path)
+    return out
 
 
 def node_arrays(node: dict[str, Any]) -> list[int]:

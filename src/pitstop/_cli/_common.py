@@ -1,0 +1,293 @@
+"""What every ``pitstop`` command shares: opening a directory, errors, output, formatting.
+
+Errors are translated in one place: :class:`CliError` is a ``click.ClickException`` that
+carries its exit status and prints one ``error: ...`` line, and the command group turns
+every :class:`~pitstop.CheckpointError` into one (see ``pitstop._cli.PitstopGroup``).
+
+Output goes through two rich consoles built when a command runs (so they write to
+whatever ``sys.stdout``/``sys.stderr`` are then, as under click's test runner), with
+markup, emoji and highlighting off: checkpoint paths like ``w[0]`` and dtypes like
+``float32[3, 4]`` are printed literally, and text written to a pipe has no colour codes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from .._commit import MANIFEST_DIR
+from .._errors import CheckpointNotFoundError
+from .._manager import CheckpointManager
+from .._manifest import Manifest
+from .._tree import display_path, walk_nodes
+
+__all__ = [
+    "ArrayInfo",
+    "CliError",
+    "emit_json",
+    "err_console",
+    "fmt_bytes",
+    "fmt_metric",
+    "fmt_time",
+    "iso_time",
+    "json_float",
+    "json_option",
+    "manifest_entries",
+    "one_line",
+    "open_manager",
+    "out_console",
+    "plural",
+    "render",
+    "resolve_step",
+    "storage_options_option",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status of a failed command (a missing directory, a damaged manifest, bad usage).
+EXIT_ERROR = 2
+#: Exit status of ``pitstop verify`` when it found damage.
+EXIT_CORRUPT = 1
+#: Width of text written to a pipe or file (no terminal to ask); wide enough not to wrap.
+PIPE_WIDTH = 200
+
+
+class CliError(click.ClickException):
+    """A failure reported as one ``error: ...`` line on stderr, with exit status 2."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {one_line(self.format_message())}", err=True, file=file)
+
+
+def one_line(message: str) -> str:
+    """``message`` with its lines joined, for a one-line report."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    width = None if tty or "COLUMNS" in os.environ else PIPE_WIDTH
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True, width=width)
+
+
+def out_console() -> Console:
+    """A console on stdout (colour only on a terminal)."""
+    return _console(stderr=False)
+
+
+def err_console() -> Console:
+    """A console on stderr, for progress, warnings and errors."""
+    return _console(stderr=True)
+
+
+def render(console: Console, renderable: Any) -> None:
+    """Print a table or tree; off a terminal without the padding rich adds at line ends."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def plural(n: int, noun: str) -> str:
+    """``plural(1, "array")`` -> ``"1 array"``; ``plural(2, "array")`` -> ``"2 arrays"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def emit_json(document: Any) -> None:
+    """Write ``document`` as one JSON document on stdout (strict JSON: no NaN)."""
+    click.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+def json_float(v: float) -> float | str:
+    """``v`` for JSON: non-finite numbers become ``"nan"``, ``"inf"``, ``"-inf"`` (as in manifests)."""
+    return v if math.isfinite(v) else repr(float(v))
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document for programs.")(f)
+
+
+def _parse_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx=ctx, param=param)
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def storage_options_option(f: F) -> F:
+    return click.option(
+        "-o",
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_storage_options,
+        help="fsspec option for URLs, e.g. -o endpoint_url=http://localhost:9000 (repeatable; JSON values parsed).",
+    )(f)
+
+
+def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
+    """Raise unless ``location`` is an existing checkpoint directory (never creates one)."""
+    hint = "check the path, or save a checkpoint there first"
+    if "://" in location and not location.startswith("file://"):
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(location, **storage_options)
+            found = fs.isdir(f"{root.rstrip('/')}/{MANIFEST_DIR}")
+        except ImportError as exc:
+            raise CliError(f"cannot open {location}: {exc}") from exc
+        except Exception as exc:  # fsspec backends raise many kinds: name it and go on
+            raise CliError(f"cannot open {location}: {type(exc).__name__}: {exc}") from exc
+        if not found:
+            raise CheckpointNotFoundError(
+                f"no checkpoint directory at {location} (nothing under {MANIFEST_DIR}/): {hint}", path=location
+            )
+        return
+    path = os.path.expanduser(location.removeprefix("file://"))
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"no checkpoint directory at {location}: it does not exist", path=location)
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{location} is a file, not a checkpoint directory", path=location)
+    if not os.path.isdir(os.path.join(path, MANIFEST_DIR)):
+        raise CheckpointNotFoundError(
+            f"{location} is not a pitstop checkpoint directory (it has no {MANIFEST_DIR}/ folder): {hint}",
+            path=location,
+        )
+
+
+def open_manager(location: str, storage_options: dict[str, Any], **policy: Any) -> CheckpointManager:
+    """A synchronous, keep-everything manager on an existing directory.
+
+    ``max_to_keep`` defaults to ``None`` so nothing the CLI does could ever apply a
+    retention policy the user did not ask for; the global RNGs are never touched.
+
+    Raises:
+        CheckpointNotFoundError: ``location`` is not an existing checkpoint directory.
+        click.UsageError: the retention options are inconsistent.
+    """
+    _check_directory(location, storage_options)
+    policy.setdefault("max_to_keep", None)
+    try:
+        return CheckpointManager(
+            location, async_save=False, capture_rng=False, storage_options=storage_options or None, **policy
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def resolve_step(mgr: CheckpointManager, step: int | None) -> int:
+    """``step``, or the latest step when ``None``.
+
+    Raises:
+        CheckpointNotFoundError: the directory holds no checkpoint (or not ``step``).
+    """
+    if step is None:
+        latest = mgr.latest_step()
+        if latest is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {mgr.directory}: nothing was saved there yet")
+        return latest
+    if step not in mgr.all_steps():
+        raise CheckpointNotFoundError(
+            f"no checkpoint for step {step} in {mgr.directory}; existing steps: {mgr.all_steps()}",
+            path=mgr.directory,
+            step=step,
+        )
+    return step
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+
+def fmt_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``; exact below 1 KiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def fmt_time(t: float) -> str:
+    """A Unix time as local, readable time: ``2024-05-01 14:03:12``."""
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iso_time(t: float) -> str:
+    """A Unix time as ISO 8601 with the local UTC offset (for JSON)."""
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def fmt_metric(v: float) -> str:
+    return f"{v:.6g}"
+
+
+# -- the manifest's tree ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """One array of a checkpoint, by its path in the state."""
+
+    path: str
+    index: int
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def describe(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+
+
+def manifest_entries(m: Manifest, *, rng: bool = False) -> tuple[list[ArrayInfo], dict[str, Any], dict[str, str]]:
+    """The arrays, plain values and stateful objects of a manifest's tree (or its RNG tree).
+
+    Returns:
+        ``(arrays, values, objects)``: arrays in tree order; ``{path: JSON value}``;
+        ``{path: object type}``.
+    """
+    root = m.rng if rng else m.tree
+    arrays: list[ArrayInfo] = []
+    values: dict[str, Any] = {}
+    objects: dict[str, str] = {}
+    if root is None:
+        return arrays, values, objects
+    start: tuple[str | int, ...] = ("<rng>",) if rng else ()
+    for path, kind, body in walk_nodes(root, start):
+        where = display_path(path)
+        if kind in ("array", "scalar"):
+            e = m.arrays[body]
+            arrays.append(ArrayInfo(where, body, e.dtype, e.shape, e.nbytes))
+        elif kind == "value":
+            values[where] = body
+        elif kind == "float":
+            values[where] = body  # "nan", "inf" or "-inf", as stored
+        elif kind == "object":
+            objects[where] = body["type"]
+    return arrays, values, objects
