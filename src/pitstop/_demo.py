@@ -149,7 +149,9 @@ def main(directory: str | None, steps: int, fresh: bool, delay: float = 0.01) ->
         elif latest is not None:
             console.print(f"Resuming from step {latest} in [bold]{directory}[/] (kill me any time).")
         else:
-            console.print(f"Training {steps} steps, checkpoints in [bold]{directory}[/]. Interrupt with Ctrl-C or kill -9, then rerun.")
+            console.print(
+                f"Training {steps} steps, checkpoints in [bold]{directory}[/]. Interrupt with Ctrl-C or kill -9, then rerun."
+            )
         with Progress(TextColumn("step {task.completed:>4}/{task.total}"), BarColumn(),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
                       console=console, transient=False) as bar:  # fmt: skip
@@ -162,7 +164,9 @@ def main(directory: str | None, steps: int, fresh: bool, delay: float = 0.01) ->
                 model, start = train(steps, mgr, progress, delay)
             except KeyboardInterrupt as stop:
                 bar.stop()
-                console.print(f"Interrupted: saved step {stop.args[0] if stop.args else '?'}. Run the same command to resume.")
+                console.print(
+                    f"Interrupted: saved step {stop.args[0] if stop.args else '?'}. Run the same command to resume."
+                )
                 return 130
         mgr.wait_until_finished()
         mgr.verify(mgr.latest_step())
@@ -170,7 +174,9 @@ def main(directory: str | None, steps: int, fresh: bool, delay: float = 0.01) ->
     reference, _ = train(steps, None)
     same = reference.fingerprint() == model.fingerprint()
     x, y = spirals()
-    console.print(f"Finished {steps} steps (this run started at step {start}); accuracy {model.accuracy(x, y):.3f}, best checkpoint: step {best}.")
+    console.print(
+        f"Finished {steps} steps (this run started at step {start}); accuracy {model.accuracy(x, y):.3f}, best checkpoint: step {best}."
+    )
     console.print(f"Weights fingerprint {model.fingerprint()}; uninterrupted run: {reference.fingerprint()}.")
     if same:
         console.print("[green]Identical[/]: the resumed run ended with exactly the weights of an uninterrupted one.")
