@@ -9,12 +9,14 @@ int4, ...) come from ``ml_dtypes``, the package JAX and TensorFlow use for them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_dtypes
 import numpy as np
 
 from ._errors import UnsupportedStateError
 
-__all__ = ["dtype_from_name", "dtype_name", "storage_dtype"]
+__all__ = ["dtype_from_name", "dtype_name", "is_storable", "storage_dtype"]
 
 _NUMPY_NAMES = (
     "bool",
@@ -66,6 +68,11 @@ if np.dtype(np.longdouble).itemsize == 16 and np.finfo(np.longdouble).nmant == 6
 _NAME_BY_DTYPE: dict[np.dtype[np.generic], str] = {dt: n for n, dt in _BY_NAME.items()}
 
 
+def is_storable(dtype: np.dtype[Any]) -> bool:
+    """Whether arrays of ``dtype`` are stored as they are (supported and little-endian)."""
+    return dtype in _NAME_BY_DTYPE and dtype.byteorder != ">"
+
+
 def storage_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.generic]:
     """The little-endian dtype an array of ``dtype`` is stored as."""
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
@@ -77,7 +84,7 @@ def dtype_name(dtype: np.dtype[np.generic], where: str = "") -> str:
     Raises:
         UnsupportedStateError: for object, string, structured or datetime dtypes.
     """
-    name = _NAME_BY_DTYPE.get(storage_dtype(dtype))
+    name = _NAME_BY_DTYPE.get(dtype) or _NAME_BY_DTYPE.get(storage_dtype(dtype))
     if name is None:
         at = f" at {where!r}" if where else ""
         raise UnsupportedStateError(

@@ -40,6 +40,7 @@ from ._tree import (
     FlatState,
     array_paths,
     build_tree,
+    display_path,
     flatten_state,
     node_arrays,
     plan_restore,
@@ -590,7 +591,7 @@ class CheckpointManager:
             restore_rng(build_tree(m.rng, arrays), where)
         self.last_restore_report = RestoreReport(
             step,
-            restored=plan.restored,
+            restored=["<all>"] if plan.ok else [display_path(p) for p in plan.restored],
             missing=[str(x) for x in plan.missing],
             unexpected=[str(x) for x in plan.unexpected],
             mismatched=[str(x) for x in plan.mismatched],

@@ -18,7 +18,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -64,9 +64,12 @@ def step_of_manifest_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-@dataclass(frozen=True)
-class Segment:
-    """``length`` bytes at ``offset`` in object ``object``, whose xxh3-128 is ``checksum``."""
+class Segment(NamedTuple):
+    """``length`` bytes at ``offset`` in object ``object``, whose xxh3-128 is ``checksum``.
+
+    A NamedTuple: tens of thousands are built per checkpoint, and it serialises to the
+    manifest's ``[object, offset, length, checksum]`` list as it is.
+    """
 
     object: str
     offset: int
@@ -74,8 +77,7 @@ class Segment:
     checksum: str
 
 
-@dataclass(frozen=True)
-class ArrayEntry:
+class ArrayEntry(NamedTuple):
     """One stored array: little-endian C-order bytes, the concatenation of its segments."""
 
     dtype: str
@@ -124,7 +126,7 @@ def encode_manifest(m: Manifest) -> bytes:
             {
                 "dtype": a.dtype,
                 "shape": list(a.shape),
-                "segments": [[s.object, s.offset, s.length, s.checksum] for s in a.segments],
+                "segments": a.segments,
             }
             for a in m.arrays
         ],
@@ -146,11 +148,11 @@ class _InvalidError(Exception):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _InvalidError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _InvalidError(f"duplicate key {dup!r}")
     return out
 
 
@@ -220,45 +222,53 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
         _check_node(obj["state"], n_arrays, seen, depth + 1)
 
 
+_ARRAY_KEYS = frozenset({"dtype", "shape", "segments"})
+
+
 def _parse_array(raw: Any, i: int, objects: dict[str, int]) -> ArrayEntry:
-    a = _dict(raw, f"arrays[{i}]")
-    if set(a) != {"dtype", "shape", "segments"}:
-        raise _InvalidError(f"arrays[{i}] has keys {sorted(a)}, expected dtype, shape, segments")
-    dtype = dtype_from_name(a["dtype"])
+    # the hot loop of reading a manifest (once per array): plain type checks, no regex;
+    # object names were validated once when "objects" was read
+    if type(raw) is not dict or raw.keys() != _ARRAY_KEYS:
+        raise _InvalidError(f"arrays[{i}] must be an object with keys dtype, shape, segments")
+    dtype = dtype_from_name(raw["dtype"])
     if dtype is None:
-        raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(a['dtype'])}")
-    shape = tuple(_int(d, f"arrays[{i}] dimension") for d in _list(a["shape"], "shape"))
-    if len(shape) > 64:
-        raise _InvalidError(f"arrays[{i}] has {len(shape)} dimensions")
+        raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(raw['dtype'])}")
+    shape_raw = raw["shape"]
+    if type(shape_raw) is not list or len(shape_raw) > 64:
+        raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
     count = 1
-    for d in shape:
+    for d in shape_raw:
+        if type(d) is not int or d < 0 or d > MAX_ARRAY_BYTES:
+            raise _InvalidError(f"arrays[{i}] has invalid dimension {_short(d)}")
         count *= d
     nbytes = count * dtype.itemsize
     if nbytes > MAX_ARRAY_BYTES:
         raise _InvalidError(f"arrays[{i}] claims {nbytes} bytes")
+    segs_raw = raw["segments"]
+    if type(segs_raw) is not list:
+        raise _InvalidError(f"arrays[{i}].segments must be a list")
     segments = []
     total = 0
-    for j, s in enumerate(_list(a["segments"], "segments")):
-        seg = _list(s, f"arrays[{i}].segments[{j}]")
-        if len(seg) != 4:
+    for j, seg in enumerate(segs_raw):
+        if type(seg) is not list or len(seg) != 4:
             raise _InvalidError(f"arrays[{i}].segments[{j}] must be [object, offset, length, checksum]")
         obj, off, length, digest = seg
-        if type(obj) is not str or not _HEX_RE.match(obj) or obj not in objects:
+        size = objects.get(obj) if type(obj) is str else None
+        if size is None:
             raise _InvalidError(f"arrays[{i}].segments[{j}] names an unlisted or invalid object {_short(obj)}")
-        off = _int(off, "segment offset")
-        length = _int(length, "segment length", 1)
-        if off + length > objects[obj]:
+        if type(off) is not int or type(length) is not int or off < 0 or length < 1:
+            raise _InvalidError(f"arrays[{i}].segments[{j}] has an invalid offset or length")
+        if off + length > size:
             raise _InvalidError(
-                f"arrays[{i}].segments[{j}] reads bytes {off}..{off + length} of object {obj}, "
-                f"which has {objects[obj]} bytes"
+                f"arrays[{i}].segments[{j}] reads bytes {off}..{off + length} of object {obj}, which has {size} bytes"
             )
-        if type(digest) is not str or not _HEX_RE.match(digest):
+        if type(digest) is not str or len(digest) != 32 or not _HEX_RE.match(digest):
             raise _InvalidError(f"arrays[{i}].segments[{j}] has an invalid checksum")
         segments.append(Segment(obj, off, length, digest))
         total += length
     if total != nbytes:
-        raise _InvalidError(f"arrays[{i}] ({a['dtype']}{list(shape)}) needs {nbytes} bytes, segments hold {total}")
-    return ArrayEntry(a["dtype"], shape, tuple(segments))
+        raise _InvalidError(f"arrays[{i}] ({raw['dtype']}{shape_raw}) needs {nbytes} bytes, segments hold {total}")
+    return ArrayEntry(raw["dtype"], tuple(shape_raw), tuple(segments))
 
 
 def _metric_in(k: Any, v: Any) -> float:

@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._dtypes import dtype_from_name, dtype_name, storage_dtype
+from ._dtypes import dtype_from_name, dtype_name, is_storable, storage_dtype
 from ._errors import Mismatch, UnsupportedStateError
 from ._manifest import ArrayEntry
 
@@ -135,10 +135,9 @@ def _object_type(obj: object) -> str:
 
 def prepare_array(a: np.ndarray[Any, Any], path: PathT) -> np.ndarray[Any, Any]:
     """``a`` as C-contiguous little-endian (a copy only when needed); checks the dtype."""
-    dtype_name(a.dtype, display_path(path))
-    target = storage_dtype(a.dtype)
-    if a.dtype != target:
-        a = a.astype(target)
+    if not is_storable(a.dtype):  # the common case costs one dict lookup
+        dtype_name(a.dtype, display_path(path))  # raises for unsupported dtypes
+        a = a.astype(storage_dtype(a.dtype))
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
@@ -335,7 +334,7 @@ class RestorePlan:
     missing: list[Mismatch] = field(default_factory=list)
     unexpected: list[Mismatch] = field(default_factory=list)
     mismatched: list[Mismatch] = field(default_factory=list)
-    restored: list[str] = field(default_factory=list)
+    restored: list[PathT] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -354,7 +353,7 @@ class _Planner:
     def _fresh(self, node: dict[str, Any], path: PathT) -> Resolver:
         for i in node_arrays(node):
             self.plan.reads.setdefault(i, None)
-        self.plan.restored.append(display_path(path))
+        self.plan.restored.append(path)
         return lambda arrays: build_tree(node, arrays)
 
     def walk(self, node: dict[str, Any], target: Any, path: PathT) -> Resolver | None:
@@ -441,7 +440,7 @@ class _Planner:
             return None
         e = self.entries[body]
         try:
-            expected = dtype_name(target.dtype, display_path(path))
+            expected = dtype_name(target.dtype)
         except UnsupportedStateError:
             expected = str(target.dtype)
         if e.dtype != expected or e.shape != target.shape:
@@ -449,7 +448,7 @@ class _Planner:
                 Mismatch(display_path(path), describe_array(e.dtype, e.shape), describe_array(expected, target.shape))
             )
             return None
-        self.plan.restored.append(display_path(path))
+        self.plan.restored.append(path)
         if not target.flags.writeable:
             self.plan.reads[body] = None
             return lambda arrays: arrays[body]
