@@ -137,4 +137,11 @@ def publish(directory: str, final_name: str, data: bytes) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    fsync_dir(directory)
+    try:
+        fsync_dir(directory)
+    except BaseException:
+        # the name is visible but not durable: withdraw it so the failed save commits
+        # nothing (and can be retried under the same step)
+        with contextlib.suppress(OSError):
+            os.unlink(final)
+        raise

@@ -80,6 +80,7 @@ class GcReport:
 
 
 MAX_STEP = 2**63 - 1
+_MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
 
 
 def _default_threads() -> int:
@@ -519,15 +520,16 @@ class CheckpointManager:
         self._check_open()
         self.wait_until_finished()
         if step is not None:
-            return int(step), self._restore_step(int(step), state, strict)
-        candidates = self.all_steps()[::-1]
-        if not candidates:
-            raise CheckpointNotFoundError(
-                f"no checkpoint in {self.directory}: nothing has been saved there yet",
-                path=self.directory,
-            )
-        problems = []
-        for s in candidates:
+            return int(step), self._restore_known_step(int(step), state, strict)
+        problems: list[str] = []
+        tried: set[int] = set()
+        for _ in range(_MAX_RELISTS):
+            # re-list after every attempt: a live writer may commit or delete meanwhile
+            candidates = [s for s in self.all_steps() if s not in tried]
+            if not candidates:
+                break
+            s = candidates[-1]
+            tried.add(s)
             try:
                 return s, self._restore_step(s, state, strict)
             except CheckpointNotFoundError:
@@ -539,6 +541,13 @@ class CheckpointManager:
                 warnings.warn(
                     f"skipping checkpoint step {s} in {self.directory}: {exc}", CorruptCheckpointWarning, stacklevel=2
                 )
+        if not problems:
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {self.directory}: nothing has been saved there yet"
+                if not tried
+                else f"no checkpoint left in {self.directory}: every step was deleted while being read",
+                path=self.directory,
+            )
         raise CorruptCheckpointError(
             f"every checkpoint in {self.directory} is corrupt ({len(problems)} tried); "
             "run `pitstop verify` for details",
@@ -554,6 +563,19 @@ class CheckpointManager:
         if not self.all_steps():
             return 0
         return self.restore(state, strict=strict)[0]
+
+    def _restore_known_step(self, step: int, state: Any, strict: bool) -> Any:
+        try:
+            return self._restore_step(step, state, strict)
+        except CorruptCheckpointError:
+            if self._storage_has(step):
+                raise
+            raise CheckpointNotFoundError(
+                f"checkpoint step {step} in {self.directory} was deleted (by its writer's retention) "
+                "while it was being read; existing steps: " + str(self.all_steps()),
+                path=self.directory,
+                step=step,
+            ) from None
 
     def _restore_step(self, step: int, state: Any, strict: bool) -> Any:
         m = self._manifest(step)
@@ -616,16 +638,31 @@ class CheckpointManager:
                 f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
             )
         problems: list[str] = []
+        verified: list[int] = []
         for s in steps:
             try:
                 m = self._manifest(s)
+            except CheckpointNotFoundError:
+                if step is None:
+                    continue  # deleted since it was listed
+                raise
             except CorruptCheckpointError as exc:
                 problems.append(f"step {s}: {exc}")
                 continue
             paths = _array_paths(m)
             where = f"{self.directory}/manifests/{manifest_name(s)}"
             found = verify_manifest(self._storage, m, self._pool, _describer(paths), where)
+            if found and not self._storage_has(s):  # deleted by its writer's retention meanwhile
+                if step is None:
+                    continue
+                raise CheckpointNotFoundError(
+                    f"checkpoint step {s} in {self.directory} was deleted while it was being verified",
+                    path=self.directory,
+                    step=s,
+                )
             problems += [f"step {s}: {p}" for p in found]
+            if not found:
+                verified.append(s)
         if problems:
             raise CorruptCheckpointError(
                 f"{len(problems)} problem(s) in {self.directory}: " + "; ".join(problems[:5]),
@@ -633,7 +670,7 @@ class CheckpointManager:
                 step=step,
                 problems=problems,
             )
-        return steps
+        return verified
 
 
 def _describer(paths: dict[int, str]) -> Callable[[int], str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,7 @@ def _run(
                 problems.append((p.array, f"object {name} is truncated"))
 
     futures = [pool.submit(task, n, ps) for n, ps in by_object.items()]
+    wait(futures)  # no read may still be filling the caller's arrays once this returns
     for f in futures:
         f.result()
     if problems:

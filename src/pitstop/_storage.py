@@ -112,6 +112,8 @@ class _FlockLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):  # no stale pid for the next refused writer
+                os.pwrite(fd, _RELEASED.ljust(_HOLDER_BYTES), 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -242,7 +244,7 @@ class LocalStorage:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                holder = _read_holder(fd, path)
                 os.close(fd)
                 raise DirectoryLockedError(
                     f"checkpoint directory {self.root} is being written by another manager "
@@ -253,18 +255,44 @@ class LocalStorage:
             except BaseException:
                 os.close(fd)
                 raise
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            info = {"pid": os.getpid(), "host": socket.gethostname()[:100], "since": time.time()}
+            # one fixed-size write over the old record: a refused writer never reads an
+            # empty or half-written file. Best effort: the lock is the flock, not this text.
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, json.dumps(info).encode().ljust(_HOLDER_BYTES), 0)
             return _FlockLock(fd)
 
 
-def _read_holder(fd: int) -> str:
+_HOLDER_BYTES = 256
+_RELEASED = b'{"released": true}'
+
+
+def _read_holder(fd: int, path: str) -> str:
+    """Who holds the lock, as written in the lock file. A holder that has just taken the
+    lock may not have written its record yet: re-read for up to ~0.2 s."""
+    text = "holder unknown: it has just taken the lock"
+    for _ in range(20):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            pid, host = int(info["pid"]), str(info["host"])[:100]
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.01)
+            continue
+        text = f"pid {pid} on host {host}"
+        if host != socket.gethostname() or _alive(pid):
+            return text
+        time.sleep(0.01)  # a dead holder's record: the new holder is about to write its own
+    return text
+
+
+def _alive(pid: int) -> bool:
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {int(info['pid'])} on host {str(info['host'])[:100]}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_storage(location: str, storage_options: dict[str, object] | None = None) -> Storage:

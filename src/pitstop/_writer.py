@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,7 @@ def write_checkpoint(
     digests: list[str | Future[str]] = [
         pool.submit(checksum, v) if v.nbytes > SMALL_BYTES else checksum(v) for _, v in pieces
     ]
+    wait([d for d in digests if not isinstance(d, str)])
     sums = [d if isinstance(d, str) else d.result() for d in digests]
 
     # 2. deduplicate against retained checkpoints and within this save
@@ -176,6 +177,9 @@ def write_checkpoint(
             batch, batch_bytes = [], 0
     if batch:
         packs.append((batch, pool.submit(_pack_task, storage, [new_small[d] for d in batch])))
+    # every task must be finished before this function returns or raises: a task still
+    # writing after a failed save would race the next save and garbage collection
+    wait([*futures, *(f for _, f in packs)])
     for f in futures:
         f.result()
     objects: dict[str, int] = {}
