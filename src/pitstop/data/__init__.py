@@ -20,5 +20,6 @@ from __future__ import annotations
 
 from ._order import DataOrder
 from ._split import split
+from ._tf import tf_dataset
 
-__all__ = ["DataOrder", "split"]
+__all__ = ["DataOrder", "split", "tf_dataset"]
