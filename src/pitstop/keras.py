@@ -55,6 +55,21 @@ class InexactResumeWarning(UserWarning):
     """A run resumed at an epoch start because the batches already trained cannot be skipped."""
 
 
+def _build_compiled_metrics(model: Any, epoch_iterator: Any) -> None:
+    """Build the compiled loss and metrics (Keras builds them lazily on the first batch) so a
+    fresh process has the same metric variables to restore as the run that saved them.
+    Keras does the same in ``fit`` under a distribution strategy; the iterator is reset
+    afterwards, as ``fit`` does, so no batch is lost."""
+    metrics = getattr(model, "_compile_metrics", None)
+    loss = getattr(model, "_compile_loss", None)
+    if (metrics is None or metrics.built) and (loss is None or loss.built):
+        return
+    build = getattr(model, "_symbolic_build", None)
+    if build is not None:
+        build(iterator=epoch_iterator)
+        epoch_iterator.reset()
+
+
 class _MetricState:
     """The model's running metric variables; restored values wait for the epoch to begin.
 
@@ -63,8 +78,13 @@ class _MetricState:
     """
 
     def __init__(self, model: Any) -> None:
-        self.variables = list(model.metrics_variables)
+        self.model = model
         self.pending: list[np.ndarray[Any, Any]] | None = None
+
+    @property
+    def variables(self) -> list[Any]:
+        # read when needed: Keras creates the compiled metrics' variables on the first batch
+        return list(self.model.metrics_variables)
 
     def state_dict(self) -> dict[str, Any]:
         return {str(i): np.asarray(v.numpy()) for i, v in enumerate(self.variables)}
@@ -300,6 +320,8 @@ class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
         self._reset_counters()
         callbacks, epoch_iterator = _fit_context(self.model)
         tracked = [cb for cb in callbacks if isinstance(cb, tuple(_TRACKED))]
+        if epoch_iterator is not None and self._has_checkpoint():
+            _build_compiled_metrics(self.model, epoch_iterator)
         self._metric_state = _MetricState(self.model)
         self._callback_states = _CallbackStates(tracked)
         if self.data_order is not None:
@@ -325,6 +347,10 @@ class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
         self.model._initial_epoch = self._epoch
         if skip:
             self._plan_mid_epoch_resume(skip, epoch_iterator)
+
+    def _has_checkpoint(self) -> bool:
+        with CheckpointManager(self.directory, **self._manager_options) as probe:
+            return probe.latest_step() is not None
 
     def _plan_mid_epoch_resume(self, skip: int, epoch_iterator: Any) -> None:
         per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)

@@ -423,9 +423,9 @@ def test_unknown_url_protocol_and_bad_storage_option(run: Cli, ckpt: Path) -> No
 def test_demo_runs_and_resumes(run: Cli, tmp_path: Path) -> None:
     pytest.importorskip("pitstop._demo")
     d = tmp_path / "demo"
-    res = run("demo", "--dir", d, "--steps", "12")
+    res = run("demo", "--numpy", "--dir", d, "--steps", "12")
     assert res.exit_code == 0, res.output
     assert run("verify", d).exit_code == 0
-    res = run("demo", "--dir", d, "--steps", "24")
+    res = run("demo", "--numpy", "--dir", d, "--steps", "24")
     assert res.exit_code == 0, res.output
     assert json.loads(run("ls", d, "--json").stdout)["steps"][-1]["step"] == 24

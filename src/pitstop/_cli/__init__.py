@@ -75,22 +75,38 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--dir", "directory", metavar="DIR", help="Checkpoint directory (default: pitstop-demo in the temp dir).")
-@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="Training steps in all.")
+@click.option("--dir", "directory", metavar="DIR", help="Checkpoint directory (default: under the temp dir).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Keras demo: epochs in all (default 12).")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True, help="NumPy demo: steps in all.")
+@click.option("--numpy", "use_numpy", is_flag=True, help="Run the NumPy demo even when TensorFlow is installed.")
 @click.option("--fresh", is_flag=True, help="Delete the demo's checkpoints first and start over.")
 @click.pass_context
-def demo(ctx: click.Context, directory: str | None, steps: int, fresh: bool) -> None:
+def demo(
+    ctx: click.Context, directory: str | None, epochs: int | None, steps: int, use_numpy: bool, fresh: bool
+) -> None:
     """Train a small model, checkpointing as it goes; interrupt it and run it again.
 
-    Stop it with Ctrl-C or kill -9 at any moment; the same command resumes from the last
-    checkpoint and checks that the result equals an uninterrupted run.
+    With TensorFlow and scikit-learn installed (pip install 'pitstop[demo]') a Keras model
+    learns the handwritten digits that ship with scikit-learn; otherwise a NumPy network
+    learns two spirals. Stop it with Ctrl-C or kill -9 at any moment; the same command
+    resumes from the last checkpoint and checks that the result equals an uninterrupted run.
 
     \b
     Example:
-        pitstop demo --steps 300     # press Ctrl-C midway, then run it again
+        pitstop demo            # press Ctrl-C midway, then run it again
+        pitstop demo --fresh    # start over
     """
-    from .. import _demo  # written separately; loaded only for this command
+    import importlib.util
 
+    if not use_numpy and all(importlib.util.find_spec(m) for m in ("tensorflow", "keras", "sklearn")):
+        from .. import _demo_keras
+
+        ctx.exit(_demo_keras.main(directory, epochs, fresh))
+    from .. import _demo
+
+    if not use_numpy:
+        click.echo("TensorFlow or scikit-learn is not installed: running the NumPy demo "
+                   "(pip install 'pitstop[demo]' for the Keras one).", err=True)  # fmt: skip
     ctx.exit(_demo.main(directory, steps, fresh))
 
 
