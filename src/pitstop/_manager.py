@@ -30,6 +30,7 @@ from ._errors import (
     StateMismatchError,
     UnsupportedStateError,
 )
+from ._gcpause import paused_gc
 from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
 from ._reader import read_arrays, verify_manifest
 from ._retention import KeepBest, KeepEveryN, KeepLatest, Record, RetentionRule, best_step, select
@@ -353,10 +354,12 @@ class CheckpointManager:
                 path=self.directory,
                 step=step,
             )
-        rng = _capture_rng() if self._capture_rng else None
-        flat = flatten_state(state, rng)
+        with paused_gc():
+            rng = _capture_rng() if self._capture_rng else None
+            flat = flatten_state(state, rng)
+            if self._writer is not None:
+                flat = self._snapshot(flat)
         if self._writer is not None:
-            flat = self._snapshot(flat)
             self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata))
         else:
             self._write(step, flat, clean_metrics, clean_metadata)
@@ -378,6 +381,10 @@ class CheckpointManager:
         return FlatState(flat.tree, flat.rng, out, flat.paths)
 
     def _write(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+        with paused_gc():
+            self._write_unpaused(step, flat, metrics, metadata)
+
+    def _write_unpaused(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
         if self._index is None:
             records, _ = self._records()
             ms = []
@@ -578,6 +585,10 @@ class CheckpointManager:
             ) from None
 
     def _restore_step(self, step: int, state: Any, strict: bool) -> Any:
+        with paused_gc():
+            return self._restore_step_unpaused(step, state, strict)
+
+    def _restore_step_unpaused(self, step: int, state: Any, strict: bool) -> Any:
         m = self._manifest(step)
         where = f"{self.directory}/manifests/{manifest_name(step)}"
         describe = _describer(_array_paths(m))
