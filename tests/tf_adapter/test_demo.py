@@ -30,5 +30,6 @@ def test_keras_demo_survives_sigkill(tmp_path: Path) -> None:
         resumed += [ln for ln in out.decode().splitlines() if ln.startswith("Found a checkpoint")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Identical" in done.stdout
-    assert "resuming there" in done.stdout or resumed
+    text = " ".join(done.stdout.split())  # rich wraps long lines when not on a terminal
+    assert "Identical" in text
+    assert "Found a checkpoint at batch" in text or resumed
