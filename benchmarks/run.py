@@ -805,44 +805,9 @@ class Bench:
         self.res.compare(row, pit_save, label="pitstop")
 
         # restores, cold: in place into existing arrays, and into fresh arrays
-        targets = _touched_like(arrays)
-        raw_in, pit_in, raw_fresh, pit_fresh = [], [], [], []
-        for r in range(self.repeat):
-            self.cache.evict([raw_dir])
-            raw_in.append(self.timed(lambda: raw_read_files(raw_dir, targets), nbytes, read=True))
-            if r == 0:
-                assert all(np.array_equal(a, b) for a, b in zip(arrays, targets, strict=True)), "raw read"
-                for t in targets:
-                    t.fill(0)
-            self.cache.evict([pit_dir])
-            mgr = pitstop.CheckpointManager(pit_dir, async_save=False)
-            tstate = _as_state(targets)
-            pit_in.append(self.timed(lambda m=mgr, s=tstate: m.restore(s), nbytes, read=True))
-            if r == 0:
-                assert all(np.array_equal(a, b) for a, b in zip(arrays, targets, strict=True)), "pitstop restore"
-            mgr.close()
-
-            self.cache.evict([raw_dir])
-            fresh = [np.empty_like(a) for a in arrays]  # allocated, not touched: the read touches it
-            raw_fresh.append(self.timed(lambda f=fresh: raw_read_files(raw_dir, f), 2 * nbytes, read=True))
-            del fresh
-            _free()
-            self.cache.evict([pit_dir])
-            mgr = pitstop.CheckpointManager(pit_dir, async_save=False)
-            out: list[Any] = []
-            pit_fresh.append(self.timed(lambda m=mgr, o=out: o.append(m.restore()), 2 * nbytes, read=True))
-            if r == 0:
-                got = out[0][1]
-                assert all(np.array_equal(got[k], v) for k, v in state.items()), "pitstop restore(None)"
-            mgr.close()
-            del out
-            _free()
-        raw_read = self.res.add(Row(wl, "raw: readinto existing arrays (cold)", raw_in, nbytes))
-        row = self.res.add(Row(wl, "pitstop restore in place (cold)", pit_in, nbytes))
-        self.res.compare(row, raw_read, label="raw", target=("<=", 1.2))
-        raw_read_fresh = self.res.add(Row(wl, "raw: read into fresh np.empty arrays (cold)", raw_fresh, nbytes))
-        row = self.res.add(Row(wl, "pitstop restore(state=None) (cold)", pit_fresh, nbytes))
-        self.res.compare(row, raw_read_fresh, label="raw fresh")
+        _, raw_read_fresh = self._restores(
+            wl, arrays, raw_dir, pit_dir, raw_read_files, "read", nbytes, target=("<=", 1.2)
+        )
         row = self.res.add(Row(wl, "pitstop: first save into a new directory (1 element)", first_saves))
         row.note = "layout + lock + fsyncs; excluded from the saves above"
         _rm(raw_dir)
@@ -879,11 +844,38 @@ class Bench:
             pit_save.note = f"{stats.objects_written} objects, {stats.bytes_written / MiB:.1f} MiB written"
         manifest_size = sum(os.path.getsize(f) for f in _files_under(os.path.join(pit_dir, "manifests")))
 
+        in_place, raw_read_fresh = self._restores(
+            wl, arrays, raw_dir, pit_dir, lambda _d, t: raw_read_one_file(raw_file, t), "preadv", nbytes
+        )
+        in_place.note = f"manifest {manifest_size / MiB:.1f} MiB"
+        _rm(raw_dir)
+        _rm(pit_dir)
+        if not self.args.no_anchors:
+            self.anchors(wl, arrays, raw_save, raw_read_fresh, pit_save, heavy=True)
+        elif not self.args.no_tf:
+            self.res.note("small: --no-anchors also skips the tf.train.Checkpoint ≥ 20x target")
+
+    def _restores(
+        self,
+        wl: str,
+        arrays: Sequence[np.ndarray],
+        raw_dir: str,
+        pit_dir: str,
+        raw_read: Any,
+        how: str,
+        nbytes: int,
+        target: tuple[str, float] | None = None,
+    ) -> tuple[Row, Row]:
+        """Cold restores, raw vs pitstop: in place into existing arrays, and into fresh ones.
+
+        Returns the pitstop in-place row and the raw fresh-read row (the anchors' baseline).
+        """
+        state = _as_state(arrays)
         targets = _touched_like(arrays)
         raw_in, pit_in, raw_fresh, pit_fresh = [], [], [], []
         for r in range(self.repeat):
             self.cache.evict([raw_dir])
-            raw_in.append(self.timed(lambda: raw_read_one_file(raw_file, targets), nbytes, read=True))
+            raw_in.append(self.timed(lambda: raw_read(raw_dir, targets), nbytes, read=True))
             if r == 0:
                 assert all(np.array_equal(a, b) for a, b in zip(arrays, targets, strict=True)), "raw read"
                 for t in targets:
@@ -896,27 +888,27 @@ class Bench:
                 assert all(np.array_equal(a, b) for a, b in zip(arrays, targets, strict=True)), "pitstop restore"
             mgr.close()
             self.cache.evict([raw_dir])
-            fresh = [np.empty_like(a) for a in arrays]
-            raw_fresh.append(self.timed(lambda f=fresh: raw_read_one_file(raw_file, f), 2 * nbytes, read=True))
+            fresh = [np.empty_like(a) for a in arrays]  # allocated, not touched: the read touches it
+            raw_fresh.append(self.timed(lambda f=fresh: raw_read(raw_dir, f), 2 * nbytes, read=True))
             del fresh
+            _free()
             self.cache.evict([pit_dir])
             mgr = pitstop.CheckpointManager(pit_dir, async_save=False)
-            pit_fresh.append(self.timed(lambda m=mgr: m.restore(), 2 * nbytes, read=True))
+            out: list[Any] = []
+            pit_fresh.append(self.timed(lambda m=mgr, o=out: o.append(m.restore()), 2 * nbytes, read=True))
+            if r == 0:
+                got = out[0][1]
+                assert all(np.array_equal(got[k], v) for k, v in state.items()), "pitstop restore(None)"
             mgr.close()
+            del out
             _free()
-        raw_read = self.res.add(Row(wl, "raw: preadv into existing arrays (cold)", raw_in, nbytes))
-        row = self.res.add(Row(wl, "pitstop restore in place (cold)", pit_in, nbytes))
-        self.res.compare(row, raw_read, label="raw")
-        row.note = f"manifest {manifest_size / MiB:.1f} MiB"
-        raw_read_fresh = self.res.add(Row(wl, "raw: preadv into fresh np.empty arrays (cold)", raw_fresh, nbytes))
+        raw_row = self.res.add(Row(wl, f"raw: {how} into existing arrays (cold)", raw_in, nbytes))
+        in_place = self.res.add(Row(wl, "pitstop restore in place (cold)", pit_in, nbytes))
+        self.res.compare(in_place, raw_row, label="raw", target=target)
+        raw_read_fresh = self.res.add(Row(wl, f"raw: {how} into fresh np.empty arrays (cold)", raw_fresh, nbytes))
         row = self.res.add(Row(wl, "pitstop restore(state=None) (cold)", pit_fresh, nbytes))
         self.res.compare(row, raw_read_fresh, label="raw fresh")
-        _rm(raw_dir)
-        _rm(pit_dir)
-        if not self.args.no_anchors:
-            self.anchors(wl, arrays, raw_save, raw_read_fresh, pit_save, heavy=True)
-        elif not self.args.no_tf:
-            self.res.note("small: --no-anchors also skips the tf.train.Checkpoint ≥ 20x target")
+        return in_place, raw_read_fresh
 
     def async_(self) -> None:
         cfg, wl = self.cfg, "async"

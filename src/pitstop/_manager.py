@@ -373,7 +373,7 @@ class CheckpointManager:
         out = []
         for i, a in enumerate(flat.arrays):
             buf = self._buffers[i] if i < len(self._buffers) else None
-            if buf is None or buf.shape != a.shape or buf.dtype != a.dtype or buf is a:
+            if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
                 buf = np.empty_like(a)
             np.copyto(buf, a)
             out.append(buf)

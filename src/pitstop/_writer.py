@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from ._dtypes import dtype_name
-from ._manifest import ArrayEntry, Manifest, Segment, checksum, manifest_name
+from ._manifest import ArrayEntry, Manifest, Segment, checksum, encode_manifest, manifest_name
 from ._storage import Storage
 from ._tree import FlatState
 
@@ -224,8 +224,6 @@ def write_checkpoint(
         metadata=dict(metadata),
         versions=_versions(),
     )
-    from ._manifest import encode_manifest
-
     storage.publish_manifest(manifest_name(step), encode_manifest(manifest))
     stats.seconds = time.perf_counter() - t0
     return manifest, stats
