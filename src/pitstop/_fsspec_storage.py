@@ -2,83 +2,219 @@
 
 Object stores have no rename and no fsync: an object upload is atomic (it appears whole
 or not at all) and durable once acknowledged. So objects are uploaded under their final,
-content-addressed names, and the commit is the manifest object uploaded last — with a
-conditional create (``If-None-Match``) where the store supports it, so a committed step
-is never overwritten. Filesystems that are not object stores (SFTP, ...) get the
-temporary-name-then-move scheme. Every fsspec/botocore error is translated here.
+content-addressed names, and the commit is the manifest object uploaded last with a
+conditional create (``If-None-Match: *``), so two writers can never both commit a step
+and a committed step is never overwritten. Any HTTP 412 counts as "already exists"
+(SeaweedFS answers 412 without naming the condition). Filesystems that are not object
+stores (SFTP, ...) get the temporary-name-then-move scheme.
 
-Limitation: the single-writer lock is a best-effort lease object on object stores (no
-kernel lock exists there); see docs/guarantees.md.
+On S3 (s3fs) the backend also sets what a long run needs: no listing cache (another
+process may commit or delete at any time), botocore's ``standard`` retry mode for
+throttling, 5xx and dropped connections (on top of s3fs's own retries), and multipart,
+parallel uploads of large objects (``PART_BYTES`` parts). Every fsspec/botocore error is
+translated here, in :meth:`FsspecStorage._errors`, into a :class:`StorageError` whose
+message never contains a secret from the storage options or the environment.
+
+The single-writer lock is a renewed lease object (``pitstop._lease``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
-import time
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
 
 from . import _commit
-from ._errors import DirectoryLockedError, StorageError
+from ._errors import CheckpointError, StorageError
+from ._lease import Lease, PreconditionFailedError
 from ._storage import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
 
-__all__ = ["FsspecStorage"]
+__all__ = ["PART_BYTES", "RETRY_ATTEMPTS", "FsspecStorage"]
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "r2"}
-LEASE_SECONDS = 300.0
+_S3 = {"s3", "s3a"}
+#: Part size of multipart uploads on S3: a 64 MiB chunk object goes up as 4 parallel parts.
+PART_BYTES = 16 << 20
+#: botocore attempts per request (``standard`` retry mode) unless ``config_kwargs`` sets retries.
+RETRY_ATTEMPTS = 8
+
+_SECRET_OPTION = re.compile(r"secret|token|passw|credential|sas|signature|key|auth", re.IGNORECASE)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_HINTS = (
+    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoCredentials", "Unable to locate credentials",
+      "Forbidden", "ExpiredToken"),
+     "check the credentials (storage_options key/secret, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) "
+     "and the permissions on the bucket"),
+    (("NoSuchBucket", "bucket does not exist"), "the bucket does not exist: create it first"),
+    (("Could not connect", "Connect timeout", "Cannot connect", "Connection refused", "EndpointConnectionError",
+      "Server disconnected", "Connection reset", "ConnectionClosed"),
+     "the storage service did not answer (after retries): check endpoint_url and the network"),
+    (("SlowDown", "Throttl", "503", "TooManyRequests"),
+     "the storage service kept throttling (after retries): save less often or raise the retry limit"),
+)  # fmt: skip
 
 
-@contextlib.contextmanager
-def _translate(action: str, path: str) -> Iterator[None]:
-    try:
-        yield
-    except (StorageError, DirectoryLockedError, FileExistsError):
-        raise  # FileExistsError: a committed step, reported by the manager
-    except FileNotFoundError as exc:
-        raise MissingFileError(f"{action} {path} failed: not found", path=path) from exc
-    except Exception as exc:  # fsspec backends raise OSError, botocore errors, ...
-        raise StorageError(
-            f"{action} {path} failed: {type(exc).__name__}: {exc}; earlier checkpoints are intact",
-            path=path,
-        ) from exc
+def _secrets_of(options: Any) -> set[str]:
+    """Every string value of a secret-looking option (recursively), and the AWS secret env vars."""
+    found: set[str] = set()
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, secret or bool(_SECRET_OPTION.search(str(k))))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, secret)
+        elif secret and isinstance(value, str) and len(value) >= 4:
+            found.add(value)
+
+    walk(options, False)
+    found.update(v for name in _SECRET_ENV if len(v := os.environ.get(name, "")) >= 4)
+    return found
 
 
-class _Lease:
-    def __init__(self, storage: FsspecStorage, token: str) -> None:
-        self._storage = storage
-        self._token = token
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a refused conditional write: any HTTP 412."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FileExistsError):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response.get("Error", {}).get("Code")
+            if status == 412 or code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
 
-    def release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._storage.fs.rm_file(self._storage._path(LOCK_NAME))
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and type(cause).__name__ not in text:
+        text = f"{text} ({type(cause).__name__}: {str(cause).strip()[:300]})"
+    return f"{type(exc).__name__}: {text}"
 
 
 class FsspecStorage:
-    """A checkpoint directory on an fsspec filesystem (see module docstring)."""
+    """A checkpoint directory on an fsspec filesystem (see module docstring).
+
+    Args:
+        url: ``protocol://bucket/prefix``.
+        storage_options: fsspec options (``endpoint_url``, ``key``, ``secret``, ...). For
+            ``s3://`` the defaults ``use_listings_cache=False`` and botocore's standard
+            retry mode are added unless given.
+    """
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
-        self.root = self.root.rstrip("/")
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.location = url.rstrip("/")
+        self._secrets = _secrets_of(storage_options)
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        self._s3 = protocol in _S3
+        options = dict(storage_options)
+        if self._s3:
+            options.setdefault("use_listings_cache", False)
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("retries", {"mode": "standard", "max_attempts": RETRY_ATTEMPTS})
+            options["config_kwargs"] = config
+        with self._errors("opening", self.location):
+            try:
+                self.fs, root = fsspec.core.url_to_fs(url, **options)
+            except ImportError as exc:
+                extra = "s3" if self._s3 else protocol
+                raise StorageError(
+                    f"opening {self.location} failed: {exc}. Install the filesystem, e.g. pip install 'pitstop[{extra}]'",
+                    path=self.location,
+                ) from exc
+        self.root = str(root).rstrip("/")
         self._object_store = protocol in _OBJECT_STORES
+        self._lease: Lease | None = None
 
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.location!r})"
+
+    # -- errors ---------------------------------------------------------------------------
+    def _redact(self, text: str) -> str:
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, path: str) -> Iterator[None]:
+        """The one boundary where fsspec/botocore errors become :class:`StorageError`."""
+        try:
+            yield
+        except (CheckpointError, FileExistsError):
+            raise  # FileExistsError: a committed step, reported by the manager
+        except FileNotFoundError as exc:
+            raise MissingFileError(f"{action} {path} failed: not found", path=path) from exc
+        except Exception as exc:  # fsspec backends raise OSError, botocore errors, aiohttp errors, ...
+            reason = self._redact(_describe(exc))
+            hint = next((h for keys, h in _HINTS if any(k in reason for k in keys)), "")
+            tail = f" ({hint}); earlier checkpoints are intact" if hint else "; earlier checkpoints are intact"
+            raise StorageError(f"{action} {path} failed: {reason}{tail}", path=path) from exc
+
+    # -- paths and primitive object operations -----------------------------------------------
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def _put(self, path: str, data: bytes, *, create: bool = False) -> None:
+        """Upload ``data``; with ``create`` only if ``path`` does not exist (any 412 -> FileExistsError)."""
+        kwargs: dict[str, Any] = {"chunksize": PART_BYTES} if self._s3 else {}
+        if create:
+            kwargs["mode"] = "create"
+        try:
+            self.fs.pipe_file(path, data, **kwargs)
+        except Exception as exc:
+            if create and _precondition_failed(exc):
+                raise FileExistsError(path) from exc
+            raise
+
+    def read_versioned(self, path: str) -> tuple[bytes, str | None] | None:
+        """The object's bytes and version tag (S3 ETag; ``None`` elsewhere), or ``None`` if absent."""
+        try:
+            tag = self.fs.info(path).get("ETag") if self._s3 else None
+            data: bytes = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return data, (str(tag) if tag else None)
+
+    def write_conditional(self, path: str, data: bytes, *, absent: bool, version: str | None) -> None:
+        """Write ``path`` only if still absent / still at ``version`` (checked where the store can)."""
+        try:
+            if absent:
+                self._put(path, data, create=True)
+            elif version is not None and self._s3:
+                bucket, key, _ = self.fs.split_path(path)
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+                self.fs.invalidate_cache(path)
+            else:
+                self._put(path, data)
+        except Exception as exc:
+            if _precondition_failed(exc):
+                raise PreconditionFailedError(path) from exc
+            raise
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    # -- layout -----------------------------------------------------------------------------
     def ensure_layout(self) -> None:
-        with _translate("creating checkpoint directory", self.location):
+        with self._errors("creating checkpoint directory", self.location):
             for d in ("", _commit.MANIFEST_DIR, _commit.OBJECT_DIR):
                 self.fs.makedirs(self._path(d) if d else self.root, exist_ok=True)
 
     def _list(self, sub: str) -> list[str]:
         path = self._path(sub)
-        with _translate("listing", path):
+        with self._errors("listing", path):
             try:
                 entries = self.fs.ls(path, detail=False, refresh=True)
             except FileNotFoundError:
@@ -87,45 +223,62 @@ class FsspecStorage:
                 entries = self.fs.ls(path, detail=False)
         return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
+    # -- manifests --------------------------------------------------------------------------
     def list_manifests(self) -> list[str]:
         return [n for n in self._list(_commit.MANIFEST_DIR) if not _commit.is_temporary(n)]
 
     def read_manifest(self, name: str) -> bytes:
         path = self._path(_commit.MANIFEST_DIR, name)
-        with _translate("reading manifest", path):
+        with self._errors("reading manifest", path):
             data: bytes = self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1)
         if len(data) > MAX_MANIFEST_BYTES:
             raise StorageError(f"manifest {path} is larger than {MAX_MANIFEST_BYTES} bytes", path=path)
         return data
 
     def publish_manifest(self, name: str, data: bytes) -> None:
+        """The commit: upload the manifest last, refusing to replace an existing one.
+
+        Raises:
+            FileExistsError: the step is already committed (by another writer).
+            DirectoryLockedError: this writer's lease was taken over; nothing is committed.
+        """
         path = self._path(_commit.MANIFEST_DIR, name)
-        with _translate("committing manifest", path):
-            if self.fs.exists(path):
-                raise FileExistsError(path)
-            if self._object_store:
-                try:
-                    self.fs.pipe_file(path, data, mode="create")
-                except TypeError:  # backends without conditional create
-                    self.fs.pipe_file(path, data)
-                except OSError as exc:
-                    if "412" in str(exc) or "PreconditionFailed" in str(exc):
-                        raise FileExistsError(path) from exc
-                    raise
-            else:
+        with self._errors("committing manifest", path):
+            if self._lease is not None:
+                self._lease.ensure_held()
+            if not self._object_store:
+                if self.fs.exists(path):
+                    raise FileExistsError(path)
                 tmp = self._path(_commit.MANIFEST_DIR, _commit.temporary_name(name))
                 self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, path)
+                return
+            try:
+                self._put(path, data, create=True)
+            except FileExistsError:
+                # a retried upload whose first attempt went through meets its own manifest
+                existing = self.read_versioned(path)
+                if existing is not None and existing[0] == data:
+                    return
+                raise
+            except (TypeError, NotImplementedError):
+                # a backend without conditional create: check, then upload (weaker, see docs)
+                if self.fs.exists(path):
+                    raise FileExistsError(path) from None
+                self._put(path, data)
 
     def delete_manifest(self, name: str) -> None:
         path = self._path(_commit.MANIFEST_DIR, name)
-        with _translate("deleting manifest", path), contextlib.suppress(FileNotFoundError):
+        with self._errors("deleting manifest", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
+    # -- objects ----------------------------------------------------------------------------
     def list_objects(self) -> list[str]:
         return [n for n in self._list(_commit.OBJECT_DIR) if not _commit.is_temporary(n)]
 
     def list_temporaries(self) -> list[str]:
+        if self._object_store:
+            return []  # nothing is ever written under a temporary name on an object store
         out = []
         for sub in (_commit.MANIFEST_DIR, _commit.OBJECT_DIR):
             out += [f"{sub}/{n}" for n in self._list(sub) if _commit.is_temporary(n)]
@@ -133,10 +286,10 @@ class FsspecStorage:
 
     def write_object(self, name: str, buffers: Sequence[memoryview]) -> int:
         path = self._path(_commit.OBJECT_DIR, name)
-        data = b"".join(buffers)
-        with _translate("writing", path):
+        data = b"".join(buffers)  # botocore takes bytes, not memoryviews: one copy
+        with self._errors("writing", path):
             if self._object_store:
-                self.fs.pipe_file(path, data)
+                self._put(path, data)
             else:
                 tmp = self._path(_commit.OBJECT_DIR, _commit.temporary_name(name))
                 self.fs.pipe_file(tmp, data)
@@ -148,7 +301,7 @@ class FsspecStorage:
 
     def object_size(self, name: str) -> int | None:
         path = self._path(_commit.OBJECT_DIR, name)
-        with _translate("inspecting", path):
+        with self._errors("inspecting", path):
             try:
                 return int(self.fs.info(path)["size"])
             except FileNotFoundError:
@@ -157,7 +310,7 @@ class FsspecStorage:
     def read_object_into(self, name: str, offset: int, buffer: memoryview) -> None:
         path = self._path(_commit.OBJECT_DIR, name)
         view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
-        with _translate("reading", path):
+        with self._errors("reading", path):
             data = self.fs.cat_file(path, start=offset, end=offset + view.nbytes)
         if len(data) != view.nbytes:
             raise ShortReadError(f"reading {path} failed: {view.nbytes - len(data)} bytes short (truncated)", path=path)
@@ -165,7 +318,7 @@ class FsspecStorage:
 
     def delete_object(self, name: str) -> None:
         path = self._path(_commit.OBJECT_DIR, name)
-        with _translate("deleting", path), contextlib.suppress(FileNotFoundError):
+        with self._errors("deleting", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
     def delete_temporary(self, name: str) -> None:
@@ -173,27 +326,26 @@ class FsspecStorage:
         if sub not in (_commit.MANIFEST_DIR, _commit.OBJECT_DIR) or not _commit.is_temporary(base):
             raise ValueError(f"not a temporary file of this directory: {name!r}")
         path = self._path(sub, base)
-        with _translate("deleting", path), contextlib.suppress(FileNotFoundError):
+        with self._errors("deleting", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
+    # -- the writer lease ---------------------------------------------------------------------
     def lock(self) -> WriterLock:
-        """A lease object: refused while another holder's lease has not expired."""
+        """Take the renewed writer lease (``pitstop._lease``); refused while another holds it."""
         path = self._path(LOCK_NAME)
-        token = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
-        with _translate("locking", path):
-            try:
-                held = json.loads(self.fs.cat_file(path))
-            except FileNotFoundError:
-                held = None
-            except ValueError:
-                held = None
-            now = time.time()
-            if isinstance(held, dict) and held.get("token") != token and float(held.get("expires", 0)) > now:
-                raise DirectoryLockedError(
-                    f"checkpoint directory {self.location} is being written by another manager "
-                    f"({str(held.get('token'))[:100]}, lease until {time.ctime(float(held['expires']))}). "
-                    "Only one writer per directory is allowed.",
-                    path=self.location,
-                )
-            self.fs.pipe_file(path, json.dumps({"token": token, "expires": now + LEASE_SECONDS}).encode())
-        return _Lease(self, token)
+        lease = Lease(self, path)
+        with self._errors("locking", path):
+            lease.acquire()
+        self._lease = lease
+        return _Held(self, lease)
+
+
+class _Held:
+    def __init__(self, storage: FsspecStorage, lease: Lease) -> None:
+        self._storage = storage
+        self._lease = lease
+
+    def release(self) -> None:
+        self._lease.release()
+        if self._storage._lease is self._lease:
+            self._storage._lease = None
