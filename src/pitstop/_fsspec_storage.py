@@ -33,7 +33,7 @@ from ._errors import CheckpointError, StorageError
 from ._lease import Lease, PreconditionFailedError
 from ._storage import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
 
-__all__ = ["PART_BYTES", "RETRY_ATTEMPTS", "FsspecStorage"]
+__all__ = ["PART_BYTES", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "r2"}
 _S3 = {"s3", "s3a"}
@@ -77,6 +77,13 @@ def _secrets_of(options: Any) -> set[str]:
     return found
 
 
+def redact(text: str, storage_options: Any) -> str:
+    """``text`` with every secret of ``storage_options`` (and the AWS secret env vars) masked."""
+    for secret in sorted(_secrets_of(storage_options), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def _precondition_failed(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a refused conditional write: any HTTP 412."""
     seen: set[int] = set()
@@ -115,7 +122,7 @@ class FsspecStorage:
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         self.location = url.rstrip("/")
-        self._secrets = _secrets_of(storage_options)
+        self._secrets = sorted(_secrets_of(storage_options), key=len, reverse=True)
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         self._s3 = protocol in _S3
         options = dict(storage_options)
@@ -142,13 +149,14 @@ class FsspecStorage:
 
     # -- errors ---------------------------------------------------------------------------
     def _redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
+        for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
 
     @contextlib.contextmanager
     def _errors(self, action: str, path: str) -> Iterator[None]:
         """The one boundary where fsspec/botocore errors become :class:`StorageError`."""
+        path = self._display(path)
         try:
             yield
         except (CheckpointError, FileExistsError):
@@ -164,6 +172,11 @@ class FsspecStorage:
     # -- paths and primitive object operations -----------------------------------------------
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def _display(self, path: str) -> str:
+        """A filesystem path as the user names it (``s3://bucket/prefix/...``)."""
+        root = getattr(self, "root", None)
+        return self.location + path[len(root) :] if root is not None and path.startswith(root) else path
 
     def _put(self, path: str, data: bytes, *, create: bool = False) -> None:
         """Upload ``data``; with ``create`` only if ``path`` does not exist (any 412 -> FileExistsError)."""
@@ -232,7 +245,8 @@ class FsspecStorage:
         with self._errors("reading manifest", path):
             data: bytes = self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1)
         if len(data) > MAX_MANIFEST_BYTES:
-            raise StorageError(f"manifest {path} is larger than {MAX_MANIFEST_BYTES} bytes", path=path)
+            where = self._display(path)
+            raise StorageError(f"manifest {where} is larger than {MAX_MANIFEST_BYTES} bytes", path=where)
         return data
 
     def publish_manifest(self, name: str, data: bytes) -> None:
@@ -313,7 +327,10 @@ class FsspecStorage:
         with self._errors("reading", path):
             data = self.fs.cat_file(path, start=offset, end=offset + view.nbytes)
         if len(data) != view.nbytes:
-            raise ShortReadError(f"reading {path} failed: {view.nbytes - len(data)} bytes short (truncated)", path=path)
+            where = self._display(path)
+            raise ShortReadError(
+                f"reading {where} failed: {view.nbytes - len(data)} bytes short (truncated)", path=where
+            )
         view[:] = data
 
     def delete_object(self, name: str) -> None:

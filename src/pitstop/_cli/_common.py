@@ -57,6 +57,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 2
 #: Exit status of ``pitstop verify`` when it found damage.
 EXIT_CORRUPT = 1
+#: Environment variable holding default ``--storage-option`` items (``KEY=VALUE KEY=VALUE``).
+STORAGE_OPTIONS_ENV = "PITSTOP_STORAGE_OPTIONS"
 #: Width of text written to a pipe or file (no terminal to ask); wide enough not to wrap.
 PIPE_WIDTH = 200
 
@@ -142,7 +144,10 @@ def storage_options_option(f: F) -> F:
         multiple=True,
         metavar="KEY=VALUE",
         callback=_parse_storage_options,
-        help="fsspec option for URLs, e.g. -o endpoint_url=http://localhost:9000 (repeatable; JSON values parsed).",
+        envvar=STORAGE_OPTIONS_ENV,
+        help="fsspec option for URLs, e.g. -o endpoint_url=http://localhost:9000 (repeatable; JSON values "
+        f"parsed). Also read from ${STORAGE_OPTIONS_ENV} (KEY=VALUE items separated by spaces). Credentials "
+        "are best left to the usual places (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws).",
     )(f)
 
 
@@ -158,7 +163,9 @@ def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
         except ImportError as exc:
             raise CliError(f"cannot open {location}: {exc}") from exc
         except Exception as exc:  # fsspec backends raise many kinds: name it and go on
-            raise CliError(f"cannot open {location}: {type(exc).__name__}: {exc}") from exc
+            from .._fsspec_storage import redact
+
+            raise CliError(redact(f"cannot open {location}: {type(exc).__name__}: {exc}", storage_options)) from exc
         if not found:
             raise CheckpointNotFoundError(
                 f"no checkpoint directory at {location} (nothing under {MANIFEST_DIR}/): {hint}", path=location
