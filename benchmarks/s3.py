@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Save/restore throughput to a local SeaweedFS (S3) vs. a plain s3fs upload/download of the same bytes.
+
+Starts its own ``weed mini`` on 127.0.0.1 (tests/s3/seaweed.py: every port pinned to a
+free one, data in a scratch directory removed at the end), then, in the same run:
+
+- pitstop: ``CheckpointManager(s3://...).save`` (sync, a fresh directory each time, so
+  nothing is deduplicated) and ``restore`` in place into the existing arrays;
+- baseline: s3fs ``pipe_file`` of each array's bytes (one object per array, uploaded on
+  the same number of threads) and ``cat_file`` back into the arrays.
+
+Prints medians and the ratio pitstop / baseline (1.0 = as fast as a plain s3fs copy).
+Run from the repository root::
+
+    .venv/bin/python benchmarks/s3.py                 # 512 MiB in 8 arrays, 3 repeats
+    .venv/bin/python benchmarks/s3.py --mib 128 --arrays 4 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3.seaweed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tests.s3.seaweed import SeaweedFS
+
+import pitstop
+
+
+def _median_seconds(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=512, help="total state size in MiB")
+    ap.add_argument("--arrays", type=int, default=8, help="number of equal float32 arrays")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=8, help="IO threads for pitstop and for the baseline")
+    args = ap.parse_args()
+
+    import s3fs
+
+    scratch = Path(tempfile.mkdtemp(prefix="pitstop-s3-bench-"))
+    server = SeaweedFS(scratch)
+    try:
+        server.start()
+        server.make_bucket("bench")
+        fs = s3fs.S3FileSystem(**server.options, skip_instance_cache=True, use_listings_cache=False)
+        n = (args.mib << 20) // 4 // args.arrays
+        rng = np.random.default_rng(0)
+        state = {f"a{i}": rng.standard_normal(n, dtype=np.float32) for i in range(args.arrays)}
+        total = sum(a.nbytes for a in state.values())
+        pool = ThreadPoolExecutor(args.threads)
+
+        def plain_upload() -> str:
+            prefix = f"bench/plain-{uuid.uuid4().hex[:8]}"
+            list(pool.map(lambda kv: fs.pipe_file(f"{prefix}/{kv[0]}", kv[1].tobytes()), state.items()))
+            return prefix
+
+        last_plain = [plain_upload()]
+
+        def plain_save() -> None:
+            last_plain[0] = plain_upload()
+
+        def plain_restore() -> None:
+            def get(kv: tuple[str, np.ndarray[Any, Any]]) -> None:
+                kv[1].reshape(-1).view(np.uint8)[:] = np.frombuffer(fs.cat_file(f"{last_plain[0]}/{kv[0]}"), np.uint8)
+
+            list(pool.map(get, state.items()))
+
+        urls: list[str] = []
+
+        def pitstop_save() -> None:
+            url = f"s3://bench/pitstop-{uuid.uuid4().hex[:8]}"
+            with pitstop.CheckpointManager(
+                url, storage_options=server.options, async_save=False, capture_rng=False, io_threads=args.threads
+            ) as mgr:
+                mgr.save(1, state)
+            urls.append(url)
+
+        pitstop_save()  # warm-up: connection pool, imports
+
+        def pitstop_restore() -> None:
+            with pitstop.CheckpointManager(
+                urls[-1], storage_options=server.options, capture_rng=False, io_threads=args.threads
+            ) as mgr:
+                mgr.restore(state)
+
+        rows = []
+        for name, ours, base in (
+            ("save", pitstop_save, plain_save),
+            ("restore", pitstop_restore, plain_restore),
+        ):
+            b = _median_seconds(base, args.repeat)
+            p = _median_seconds(ours, args.repeat)
+            rows.append((name, p, b))
+        pool.shutdown()
+        print(f"SeaweedFS {server.endpoint}, {total / 2**20:.0f} MiB in {args.arrays} arrays, "
+              f"{args.threads} IO threads, median of {args.repeat}")  # fmt: skip
+        print(f"{'':8} {'pitstop MB/s':>13} {'s3fs MB/s':>10} {'ratio (time)':>13}")
+        for name, p, b in rows:
+            print(f"{name:8} {total / p / 1e6:13.1f} {total / b / 1e6:10.1f} {p / b:13.2f}")
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
