@@ -506,7 +506,10 @@ class CheckpointManager:
             self._apply_retention()
 
     def _on_preempted(self) -> None:
+        self.wait_until_finished()  # the preemption checkpoint is committed before anything else
         self.preempted = True
+        if self._watcher is not None:
+            self._watcher.handled()
         if self._exit_on_preemption:
             self.close()
             raise SystemExit(0)

@@ -69,6 +69,10 @@ class PreemptionWatcher:
         """Whether a preemption signal has arrived."""
         return self._event.is_set()
 
+    def handled(self) -> None:
+        """The preemption checkpoint is committed: a later signal starts a new request."""
+        self._event.clear()
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
         if not self._event.is_set():
