@@ -28,17 +28,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(mode: str, d: Path, tmp: Path, world: int = 2) -> list[tuple[subprocess.Popen[bytes], Path]]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(pitstop.__file__).parents[1]),
-                                                                     os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+def _env() -> dict[str, str]:
+    src = str(Path(pitstop.__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+
+
+def launch_script(
+    script: Path, argvs: list[list[str]], tmp: Path, tag: str
+) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """Start one process per argv (its output file is appended as the last argument)."""
     procs = []
-    for rank in range(world):
-        out = tmp / f"{mode}-{rank}.jsonl"
+    for rank, argv in enumerate(argvs):
+        out = tmp / f"{tag}-{rank}.jsonl"
         out.unlink(missing_ok=True)
-        args = [sys.executable, str(WORKER), mode, str(d), str(port), str(rank), str(world), str(out)]
-        procs.append((subprocess.Popen(args, env=env, stderr=subprocess.PIPE), out))
+        args = [sys.executable, str(script), *argv, str(out)]
+        procs.append((subprocess.Popen(args, env=_env(), stderr=subprocess.PIPE), out))
     return procs
+
+
+def launch(mode: str, d: Path, tmp: Path, world: int = 2) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    port = str(free_port())
+    return launch_script(WORKER, [[mode, str(d), port, str(r), str(world)] for r in range(world)], tmp, mode)
 
 
 def finish(procs: list[tuple[subprocess.Popen[bytes], Path]], timeout: float = 240) -> list[tuple[int, list[Any]]]:
