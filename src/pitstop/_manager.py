@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import _distributed as _dist
 from ._async import BackgroundWriter
 from ._errors import (
     CheckpointError,
@@ -32,6 +34,7 @@ from ._errors import (
 )
 from ._gcpause import paused_gc
 from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
+from ._preempt import PreemptionWatcher, parse_signals
 from ._reader import read_arrays, verify_manifest
 from ._retention import KeepBest, KeepEveryN, KeepLatest, Record, RetentionRule, best_step, select
 from ._rng import capture_rng as _capture_rng
@@ -39,6 +42,7 @@ from ._rng import restore_rng
 from ._storage import MissingFileError, Storage, WriterLock, open_storage
 from ._tree import (
     FlatState,
+    RestorePlan,
     array_paths,
     build_tree,
     display_path,
@@ -153,6 +157,15 @@ class CheckpointManager:
             with each checkpoint, and restore them on in-place restores.
         storage_options: Passed to fsspec for URLs (``endpoint_url``, ``key``, ...).
         io_threads: Threads for parallel reads and writes (default: sized to the machine).
+        coordinator: Save and restore as one rank of a multi-worker job (see
+            :mod:`pitstop.distributed`): every rank calls ``save``/``restore`` with the same
+            arguments; each writes its share, rank 0 commits. Implies ``async_save=False``.
+        preemption_signals: Signals (e.g. ``("SIGTERM", "SIGUSR1")``) that request a save at
+            the next ``save()`` call, even off the interval; afterwards ``preempted`` is
+            True. Handlers are installed only for these signals and removed by ``close()``.
+        exit_on_preemption: After the preemption checkpoint is committed, close the manager
+            and raise ``SystemExit(0)`` (default). With False, ``save()`` returns and the
+            program checks ``preempted`` itself.
 
     Example:
         >>> import numpy as np, pitstop, tempfile
@@ -177,10 +190,13 @@ class CheckpointManager:
         best_mode: Literal["min", "max"] = "min",
         keep_every_n_steps: int | None = None,
         save_interval_steps: int = 1,
-        async_save: bool = True,
+        async_save: bool | None = None,
         capture_rng: bool = True,
         storage_options: dict[str, Any] | None = None,
         io_threads: int | None = None,
+        coordinator: _dist.Coordinator | None = None,
+        preemption_signals: Sequence[str | int | signal.Signals] = (),
+        exit_on_preemption: bool = True,
     ) -> None:
         rules: list[RetentionRule] = [KeepLatest(n=max_to_keep)]
         self._best: KeepBest | None = None
@@ -202,6 +218,27 @@ class CheckpointManager:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
         if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
             raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
+        if coordinator is not None:
+            if not isinstance(coordinator, _dist.Coordinator):
+                raise ValueError(
+                    f"coordinator must provide rank, world_size and all_max() "
+                    f"(see pitstop.distributed), got {type(coordinator).__name__}"
+                )
+            if async_save:
+                raise ValueError(
+                    "async_save=True cannot be combined with a coordinator: a multi-worker save runs "
+                    "collectives, which must not run on a background thread beside the training "
+                    "loop's own. Leave async_save unset (it defaults to False with a coordinator)."
+                )
+            async_save = False
+        elif async_save is None:
+            async_save = True
+        signals = parse_signals(preemption_signals)
+        self._coord = coordinator
+        self._rank = coordinator.rank if coordinator is not None else 0
+        self._world = coordinator.world_size if coordinator is not None else 1
+        self._exit_on_preemption = bool(exit_on_preemption)
+        self.preempted = False
         self._rules = rules
         self._interval = save_interval_steps
         self._capture_rng = bool(capture_rng)
@@ -217,6 +254,7 @@ class CheckpointManager:
         self._closed = False
         self.last_save_stats: SaveStats | None = None
         self.last_restore_report: RestoreReport | None = None
+        self._watcher = PreemptionWatcher(signals) if signals else None
 
     # -- context manager --------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -298,12 +336,21 @@ class CheckpointManager:
         if self._closed:
             raise CheckpointError(f"{self!r} is closed; create a new manager", path=self.directory)
 
+    def _check_chief(self, what: str) -> None:
+        if self._rank != 0:
+            raise CheckpointError(
+                f"{what} on rank {self._rank}: in a multi-worker job only rank 0 deletes checkpoints "
+                "and collects garbage; call it on rank 0 only",
+                path=self.directory,
+            )
+
     def _acquire(self) -> None:
         if self._lock is None:
             self._storage.ensure_layout()
             self._lock = self._storage.lock()
             for tmp in self._storage.list_temporaries():  # leftovers of killed writers
                 self._storage.delete_temporary(tmp)
+            _dist.remove_parts(self._storage)
             self._collect_garbage(dry_run=False)
 
     def save(
@@ -342,18 +389,38 @@ class CheckpointManager:
         if (type(step) is not int and not isinstance(step, np.integer)) or not 0 <= int(step) <= MAX_STEP:
             raise ValueError(f"step must be an int in [0, {MAX_STEP}], got {step!r}")
         step = int(step)
-        if not force and step % self._interval:
+        want = force or not step % self._interval
+        preempt = self._watcher is not None and self._watcher.requested
+        if self._coord is not None:
+            if self._rank == 0:
+                self._acquire()  # before any rank writes: taking the directory cleans leftovers
+            # every rank saves if any rank wants to; a preemption on any rank preempts all
+            code = self._coord.all_max([2 if preempt else int(want)])[0]
+            want, preempt = code >= 1, code == 2
+        if not (want or preempt):
             return False
+        if self._coord is not None:
+            self._save_multi(step, state, metrics, metadata)
+        else:
+            self._save_local(step, state, metrics, metadata)
+        if preempt:
+            self._on_preempted()
+        return True
+
+    def _exists_error(self, step: int) -> CheckpointExistsError:
+        return CheckpointExistsError(
+            f"checkpoint step {step} already exists in {self.directory}; steps are never "
+            "overwritten: save under a new step, or delete() it first",
+            path=self.directory,
+            step=step,
+        )
+
+    def _save_local(self, step: int, state: Any, metrics: Any, metadata: Any) -> None:
         clean_metrics = _clean_metrics(metrics)
         clean_metadata = _clean_metadata(metadata)
         self._acquire()
         if self._storage_has(step):
-            raise CheckpointExistsError(
-                f"checkpoint step {step} already exists in {self.directory}; steps are never "
-                "overwritten: save under a new step, or delete() it first",
-                path=self.directory,
-                step=step,
-            )
+            raise self._exists_error(step)
         with paused_gc():
             rng = _capture_rng() if self._capture_rng else None
             flat = flatten_state(state, rng)
@@ -363,7 +430,89 @@ class CheckpointManager:
             self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata))
         else:
             self._write(step, flat, clean_metrics, clean_metadata)
-        return True
+
+    def _save_multi(self, step: int, state: Any, metrics: Any, metadata: Any) -> None:
+        """One rank's side of a multi-worker save (see ``pitstop._distributed``)."""
+        assert self._coord is not None
+        error: BaseException | None = None
+        clean_metrics: dict[str, float] = {}
+        clean_metadata: dict[str, Any] = {}
+        stats: SaveStats | None = None
+        try:
+            clean_metrics = _clean_metrics(metrics)
+            clean_metadata = _clean_metadata(metadata)
+            if self._storage_has(step):
+                raise self._exists_error(step)
+            with paused_gc(), _dist.rank_context(self._rank):
+                rng = _capture_rng() if self._capture_rng else {}
+                flat = flatten_state(state, _dist.PerRank(rng))
+                index = self._dedup_index()
+                written, stats = _dist.write_part(
+                    self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
+                    index=index,
+                )  # fmt: skip
+                index.add(written)
+        except Exception as exc:  # every rank must reach the barrier, failed or not
+            error = exc
+        failed = self._coord.all_max([int(error is not None)])[0]  # barrier 1: all parts written
+        chief_error: BaseException | None = None
+        if self._rank == 0:
+            try:
+                if failed:
+                    _dist.remove_parts(self._storage, step)
+                else:
+                    self._commit_parts(step, clean_metrics, clean_metadata)
+            except Exception as exc:
+                chief_error = exc
+        chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed
+        if error is not None:
+            raise error
+        if chief_error is not None:
+            raise chief_error
+        if failed:
+            raise CheckpointError(
+                f"step {step} was not saved: another rank failed to write its share (its own error says "
+                f"why); nothing was committed and earlier checkpoints in {self.directory} are intact",
+                path=self.directory,
+                step=step,
+            )
+        if chief_failed:
+            raise CheckpointError(
+                f"rank 0 failed to commit step {step} or to apply retention after it (rank 0's error says "
+                f"why); earlier checkpoints in {self.directory} are intact",
+                path=self.directory,
+                step=step,
+            )
+        self.last_save_stats = stats
+
+    def _commit_parts(self, step: int, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+        with paused_gc():
+            manifest = _dist.merge_parts(
+                self._storage, step=step, world_size=self._world, metrics=metrics, metadata=metadata
+            )
+            try:
+                _dist.commit_merged(self._storage, manifest)
+            except FileExistsError:
+                raise CheckpointExistsError(
+                    f"checkpoint step {step} was committed by someone else in {self.directory}",
+                    path=self.directory,
+                    step=step,
+                ) from None
+            finally:
+                _dist.remove_parts(self._storage, step)
+            with self._cache_lock:
+                self._cache[step] = manifest
+            self._dedup_index().add(manifest)
+            self._apply_retention()
+
+    def _on_preempted(self) -> None:
+        self.wait_until_finished()  # the preemption checkpoint is committed before anything else
+        self.preempted = True
+        if self._watcher is not None:
+            self._watcher.handled()
+        if self._exit_on_preemption:
+            self.close()
+            raise SystemExit(0)
 
     def _storage_has(self, step: int) -> bool:
         return manifest_name(step) in self._storage.list_manifests()
@@ -384,7 +533,7 @@ class CheckpointManager:
         with paused_gc():
             self._write_unpaused(step, flat, metrics, metadata)
 
-    def _write_unpaused(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+    def _dedup_index(self) -> DedupIndex:
         if self._index is None:
             records, _ = self._records()
             ms = []
@@ -394,9 +543,13 @@ class CheckpointManager:
                 except CheckpointError:
                     continue
             self._index = DedupIndex.from_manifests(ms)
+        return self._index
+
+    def _write_unpaused(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+        index = self._dedup_index()
         try:
             manifest, stats = write_checkpoint(
-                self._storage, self._pool, step=step, flat=flat, metrics=metrics, metadata=metadata, index=self._index
+                self._storage, self._pool, step=step, flat=flat, metrics=metrics, metadata=metadata, index=index
             )
         except FileExistsError:
             raise CheckpointExistsError(
@@ -406,7 +559,7 @@ class CheckpointManager:
             ) from None
         with self._cache_lock:
             self._cache[step] = manifest
-        self._index.add(manifest)
+        index.add(manifest)
         self.last_save_stats = stats
         self._apply_retention()
 
@@ -455,6 +608,7 @@ class CheckpointManager:
         a killed job. Takes the writer lock.
         """
         self._check_open()
+        self._check_chief("gc()")
         self.wait_until_finished()
         if dry_run:
             report = self._collect_garbage(dry_run=True)
@@ -466,6 +620,7 @@ class CheckpointManager:
         report = GcReport(files=self._storage.list_temporaries())
         for tmp in report.files:
             self._storage.delete_temporary(tmp)
+        _dist.remove_parts(self._storage)
         found = self._collect_garbage(dry_run=False)
         report.files += found.files
         report.bytes += found.bytes
@@ -474,6 +629,7 @@ class CheckpointManager:
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step`` (its manifest, then data nothing else references)."""
         self._check_open()
+        self._check_chief("delete()")
         self.wait_until_finished()
         self._acquire()
         if not self._storage_has(step):
@@ -498,6 +654,8 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._closed = True
+            if self._watcher is not None:
+                self._watcher.uninstall()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -526,6 +684,33 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait_until_finished()
+        if self._coord is None:
+            return self._restore_any(state, step, strict)
+        error: BaseException | None = None
+        got, tree = -1, None
+        try:
+            got, tree = self._restore_any(state, step, strict)
+        except Exception as exc:  # every rank must reach the collective
+            error = exc
+        out = self._coord.all_max([int(error is not None), got, -got])
+        if error is not None:
+            raise error
+        if out[0]:
+            raise CheckpointError(
+                f"another rank failed to restore from {self.directory} (its own error says why); "
+                "this rank's state may be partly restored: do not train on",
+                path=self.directory,
+            )
+        if out[1] != -out[2]:
+            raise CheckpointError(
+                f"the ranks restored different steps ({-out[2]} to {out[1]}) from {self.directory}: a "
+                "checkpoint is unreadable on some ranks (see the CorruptCheckpointWarning). Restore one "
+                "step on every rank with restore(step=...)",
+                path=self.directory,
+            )
+        return got, tree
+
+    def _restore_any(self, state: Any, step: int | None, strict: bool) -> tuple[int, Any]:
         if step is not None:
             return int(step), self._restore_known_step(int(step), state, strict)
         problems: list[str] = []
@@ -592,13 +777,34 @@ class CheckpointManager:
         m = self._manifest(step)
         where = f"{self.directory}/manifests/{manifest_name(step)}"
         describe = _describer(_array_paths(m))
+        tree, rng_node, view = m.tree, m.rng, None
+        if _dist.is_multi_worker(m):
+            view = _dist.rank_view(m, self._rank, self._world)
+            tree, rng_node = view.tree, view.rng
 
         if state is None:
             arrays = read_arrays(self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where)
             self.last_restore_report = RestoreReport(step, restored=["<all>"])
             return build_tree(m.tree, arrays)
         run_restore_hooks(state)
-        plan, root = plan_restore(m.tree, state, m.arrays)
+        with _dist.rank_context(self._rank):
+            return self._restore_planned(m, step, where, describe, tree, rng_node, view, state, strict)
+
+    def _restore_planned(
+        self,
+        m: Manifest,
+        step: int,
+        where: str,
+        describe: Callable[[int], str],
+        tree: dict[str, Any],
+        rng_node: dict[str, Any] | None,
+        view: _dist.RankView | None,
+        state: Any,
+        strict: bool,
+    ) -> Any:
+        plan, root = plan_restore(tree, state, m.arrays)
+        if view is not None:
+            _check_rank_plan(plan, view, where, step, self._rank, self._world, strict)
         if not plan.ok:
             err = StateMismatchError(
                 "", path=self.directory, step=step, missing=plan.missing, unexpected=plan.unexpected,
@@ -614,14 +820,13 @@ class CheckpointManager:
                 stacklevel=3,
             )
         requests = dict(plan.reads)
-        rng_ids = node_arrays(m.rng) if (self._capture_rng and m.rng is not None) else []
+        rng_ids = node_arrays(rng_node) if (self._capture_rng and rng_node is not None) else []
         for i in rng_ids:
             requests.setdefault(i, None)
         arrays = read_arrays(self._storage, m, requests, self._pool, describe, where)
         plan.execute(arrays)
-        if rng_ids or (self._capture_rng and m.rng is not None):
-            assert m.rng is not None
-            restore_rng(build_tree(m.rng, arrays), where)
+        if self._capture_rng and rng_node is not None:
+            restore_rng(build_tree(rng_node, arrays), where)
         self.last_restore_report = RestoreReport(
             step,
             restored=["<all>"] if plan.ok else [display_path(p) for p in plan.restored],
@@ -682,6 +887,27 @@ class CheckpointManager:
                 problems=problems,
             )
         return verified
+
+
+def _check_rank_plan(
+    plan: RestorePlan, view: _dist.RankView, where: str, step: int, rank: int, world: int, strict: bool
+) -> None:
+    """PerRank entries in a restore plan: a rank without saved state gets a clear error; the
+    saved ranks' state the given state leaves out is skipped when the world size changed."""
+
+    def under(path: str, roots: Sequence[str]) -> bool:
+        return any(path == r or path.startswith(r + "/") for r in roots)
+
+    absent = list(view.absent)
+    if strict and absent and any(under(m.path, absent) for m in plan.missing):
+        raise StateMismatchError(
+            _dist.absent_message(where, step, rank, world, view.absent),
+            path=where,
+            step=step,
+            missing=[m for m in plan.missing if under(m.path, absent)],
+        )
+    if view.resized:
+        plan.unexpected[:] = [u for u in plan.unexpected if not under(u.path, view.resized)]
 
 
 def _describer(paths: dict[int, str]) -> Callable[[int], str]:
