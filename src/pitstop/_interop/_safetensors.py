@@ -65,7 +65,7 @@ def write_safetensors(source: Source, path: str, *, skip_unsupported: bool) -> t
         if leaf.kind == "value":
             values[leaf.name] = _json_float(leaf.value) if isinstance(leaf.value, float) else leaf.value
         elif leaf.value.dtype.name in SUPPORTED_DTYPES:
-            tensors[leaf.name] = np.ascontiguousarray(leaf.value)
+            tensors[leaf.name] = np.require(leaf.value, requirements="C")  # keeps 0-d arrays 0-d
         else:
             unsupported.append(f"{leaf.name}: dtype {leaf.value.dtype.name} has no safetensors equivalent")
     check_unsupported(unsupported, "safetensors", source, skip_unsupported)

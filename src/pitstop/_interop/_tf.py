@@ -392,12 +392,6 @@ def restore_into(state: Any, prefix: str) -> tuple[int | None, list[str]]:
     plain: list[str] = []
     for name, obj in state.items():
         if isinstance(obj, tf.__internal__.tracking.Trackable):
-            if getattr(obj, "built", True) is False and hasattr(obj, "build"):
-                kind = type(obj).__name__
-                raise InteropError(
-                    f"state[{name!r}] is an unbuilt {kind}: it has no variables to restore into yet; "
-                    "build it first (call it on one batch, or model.build(input_shape)) and import again",
-                )
             trackables[name] = obj
         elif obj is None or isinstance(obj, (bool, int, float, str)):
             if reader.has_tensor(name + VALUE_SUFFIX):
@@ -412,7 +406,18 @@ def restore_into(state: Any, prefix: str) -> tuple[int | None, list[str]]:
                 f"state[{name!r}] is a {type(obj).__name__}, which tf.train.Checkpoint cannot restore; "
                 "pass TensorFlow/Keras objects (models, optimizers, tf.Variable, tf.Module) and plain values",
             )
-    run_restore_hooks(trackables)
+    run_restore_hooks(trackables)  # builds fresh optimizers for their (built) model
+    for name, obj in trackables.items():
+        if getattr(obj, "built", True) is False and hasattr(obj, "build"):
+            how = (
+                "optimizer.build(model.trainable_variables)"
+                if hasattr(obj, "iterations")
+                else ("call it on one batch, or model.build(input_shape)")
+            )
+            raise InteropError(
+                f"state[{name!r}] is an unbuilt {type(obj).__name__}: it has no variables to restore into yet; "
+                f"build it first ({how}) and import again",
+            )
     try:
         status = tf.train.Checkpoint(**trackables).read(prefix)
         status.assert_existing_objects_matched()
