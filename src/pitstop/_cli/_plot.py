@@ -88,8 +88,8 @@ def plot(
     """Plot the metrics of DIRECTORY's checkpoints over steps as a PNG.
 
     One panel per metric. Filled dots are checkpoints kept (by the policy options, as in
-    `pitstop ls`; without them every checkpoint is kept), crosses those the policy would
-    delete, and a star the best value of each metric ("max" for accuracy-like names,
+    `pitstop ls`; without them every checkpoint is kept), orange crosses those the policy would
+    delete, and a red star the best value of each metric ("max" for accuracy-like names,
     "min" otherwise; --best-mode sets it for --best-metric). Needs pitstop[plot].
 
     \b
@@ -141,7 +141,7 @@ def plot(
         if kept:
             ax.scatter([s for s, _ in kept], [v for _, v in kept], color="tab:blue", s=28, zorder=2, label="kept")
         if dropped:
-            ax.scatter([s for s, _ in dropped], [v for _, v in dropped], color="tab:gray", marker="x", s=28,
+            ax.scatter([s for s, _ in dropped], [v for _, v in dropped], color="tab:orange", marker="x", s=28,
                        zorder=2, label="would be deleted")  # fmt: skip
         best = _best(points, mode)
         if best is not None:
