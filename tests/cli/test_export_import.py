@@ -104,3 +104,30 @@ def test_export_tf_checkpoint_cli(run: Cli, ckpt: Path, tmp_path: Path) -> None:
     assert doc["arrays"] == 4 and len(doc["files"]) == 2  # w, frozen, layers/0/b and the epoch
     reader = tf.train.load_checkpoint(str(tmp_path / "tf" / "ckpt"))
     assert reader.get_tensor("params/w/.ATTRIBUTES/VARIABLE_VALUE")[0, 0] == 40.0
+
+
+def test_export_keras_formats_cli(run: Cli, tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    pitstop.save(tmp_path / "run", {"model": model})
+    x = np.ones((2, 3), np.float32)
+    res = run("export", tmp_path / "run", "--to", "savedmodel", tmp_path / "sm", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["files"] == [str(tmp_path / "sm")]
+    served = tf.saved_model.load(str(tmp_path / "sm"))  # keep a reference: serve() uses its variables
+    np.testing.assert_allclose(served.serve(x).numpy(), model(x).numpy(), rtol=1e-6)
+    res = run("export", tmp_path / "run", "--to", "keras", tmp_path / "m.keras")
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(keras.saving.load_model(str(tmp_path / "m.keras"))(x), model(x))
+    res = run("export", tmp_path / "run", "--to", "keras", tmp_path / "m.h5")
+    assert res.exit_code == 2 and "error: a Keras file must end in .keras" in res.stderr
+
+
+def test_export_savedmodel_without_a_model_is_one_line(run: Cli, ckpt: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    res = run("export", ckpt, "--to", "savedmodel", tmp_path / "sm")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: cannot export step 4 of") and "no Keras model config" in res.stderr
+    assert res.stderr.count("\n") == 1

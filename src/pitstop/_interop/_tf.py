@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -118,45 +119,68 @@ class _Mirror:
         return variable
 
 
-def _top_level(source: Source) -> list[tuple[str, dict[str, Any], Any]]:
-    """The entries that become ``tf.train.Checkpoint`` keyword arguments."""
+_Entry = tuple[str, str, dict[str, Any], Any]  # (checkpoint name, pitstop path, node, tree)
+
+
+def _top_level(source: Source) -> list[_Entry]:
+    """The entries that become ``tf.train.Checkpoint`` keyword arguments.
+
+    The children of a dict (the whole state, or the subtree ``key``) become the keyword
+    arguments, so ``{"model": m, "optimizer": o}`` reads back with
+    ``tf.train.Checkpoint(model=..., optimizer=...)``; anything else (a model picked by
+    ``key``, a list) is one argument named after the last part of ``key`` (or ``state``).
+    """
+    key = (source.key or "").strip("/")
     ((kind, body),) = source.node.items()
-    own_name = source.key.rstrip("/").rpartition("/")[2] if source.key else "state"
-    if kind == "object" and source.key:
-        return [(own_name, source.node, source.tree)]  # a selected model/optimizer keeps its name
-    if kind == "object":
-        return _top_level_of(body["state"], source.tree, own_name)
-    return _top_level_of(source.node, source.tree, own_name)
-
-
-def _top_level_of(node: dict[str, Any], tree: Any, own_name: str) -> list[tuple[str, dict[str, Any], Any]]:
-    ((kind, body),) = node.items()
-    if kind == "dict":
-        return [(k, child, tree[k]) for k, child in body.items()]
-    return [(own_name, node, tree)]
+    own_name = key.rpartition("/")[2] or "state"
+    if kind == "object" and key:
+        return [(own_name, key, source.node, source.tree)]  # a model picked by key keeps its name
+    inner = body["state"] if kind == "object" else source.node
+    ((inner_kind, inner_body),) = inner.items()
+    if inner_kind == "dict":
+        return [(k, f"{key}/{k}" if key else k, child, source.tree[k]) for k, child in inner_body.items()]
+    return [(own_name, key, source.node, source.tree)]
 
 
 def write_tf_checkpoint(source: Source, prefix: str, *, skip_unsupported: bool) -> tuple[int, list[str]]:
     """Write ``source`` as the TF checkpoint ``prefix`` (``prefix.index``, ``prefix.data-*``).
+
+    Keras models with a saved config are rebuilt (``pitstop.keras.load_model``) and written
+    as the real objects, with the optimizer ``load_model`` restored for them; everything
+    else is mirrored as ``tf.Module``/``tf.Variable`` trees.
 
     Returns:
         ``(variables written, entries left out)``.
     """
     tf = tf_module()
     mirror = _Mirror(tf)
+    entries = _top_level(source)
+    if any(name == "save_counter" for name, *_ in entries):
+        raise InteropError(
+            f"cannot export {source.where} to a TF checkpoint: its top-level entry 'save_counter' "
+            "would clash with tf.train.Checkpoint's own; export a subtree with key=...",
+            path=source.directory,
+            step=source.step,
+        )
     kwargs: dict[str, Any] = {}
-    for name, node, tree in _top_level(source):
-        if name == "save_counter":
-            raise InteropError(
-                f"cannot export {source.where} to a TF checkpoint: its top-level entry 'save_counter' "
-                "would clash with tf.train.Checkpoint's own; export a subtree with key=...",
-                path=source.directory,
-                step=source.step,
-            )
-        obj, count = _keras_object(source, node) if object_type(node) else (None, 0)
-        mirror.count += count
-        if obj is None:
-            obj = mirror.build(node, tree, (name,))
+    optimizers: dict[str, Any] = {}  # class name -> the optimizer load_model restored with its model
+    for name, path, node, _ in entries:
+        if _is_keras_model(node):
+            model = load_keras_model(source, "a TF checkpoint", key=path)
+            kwargs[name] = model
+            mirror.count += len(model.variables)
+            if getattr(model, "optimizer", None) is not None:
+                optimizers[type(model.optimizer).__name__] = model.optimizer
+    for name, _path, node, tree in entries:
+        if name in kwargs:
+            continue
+        kind = object_type(node) or ""
+        optimizer = optimizers.get(kind.rpartition(".")[2]) if kind.startswith(_OPTIMIZER_MODULE) else None
+        if optimizer is not None and optimizer.built:
+            kwargs[name] = optimizer
+            mirror.count += len(optimizer.variables)
+            continue
+        obj = mirror.build(node, tree, (name,))
         if obj is not None:
             kwargs[name] = obj
     check_unsupported(mirror.unsupported, "a TF checkpoint", source, skip_unsupported)
@@ -175,10 +199,15 @@ def write_tf_checkpoint(source: Source, prefix: str, *, skip_unsupported: bool) 
     return mirror.count, mirror.unsupported
 
 
-def _keras_object(source: Source, node: dict[str, Any]) -> tuple[Any | None, int]:
-    """The rebuilt Keras model or optimizer for a top-level entry and its variable count,
-    else ``(None, 0)`` (the entry is mirrored)."""
-    return None, 0
+_OPTIMIZER_MODULE = "keras.src.optimizers."
+
+
+def _is_keras_model(node: dict[str, Any]) -> bool:
+    """Whether ``node`` is a Keras model saved with its config (``load_model`` can rebuild it)."""
+    from .._keras_config import CONFIG_KEY
+
+    ((kind, body),) = node.items()
+    return kind == "object" and isinstance(body.get("config"), dict) and CONFIG_KEY in body["config"]
 
 
 # -- export: savedmodel, keras ----------------------------------------------------------------
@@ -186,7 +215,7 @@ def _keras_object(source: Source, node: dict[str, Any]) -> tuple[Any | None, int
 _FORMAT_NAMES = {"savedmodel": "a SavedModel", "keras": "a .keras file"}
 
 
-def load_keras_model(source: Source, purpose: str) -> Any:
+def load_keras_model(source: Source, purpose: str, *, key: str | None = None) -> Any:
     """Rebuild the Keras model of ``source`` with ``pitstop.keras.load_model``.
 
     Raises:
@@ -197,8 +226,8 @@ def load_keras_model(source: Source, purpose: str) -> Any:
     from .. import keras as pitstop_keras
 
     try:
-        return pitstop_keras.load_model(  # type: ignore[attr-defined]  # until wt-tf is merged
-            source.directory, source.step, key=source.key, storage_options=source.storage_options
+        return pitstop_keras.load_model(
+            source.directory, source.step, key=key or source.key, storage_options=source.storage_options
         )
     except (CheckpointNotFoundError, CorruptCheckpointError, StorageError):
         raise
@@ -212,7 +241,11 @@ def write_keras_model(source: Source, path: str, fmt: str) -> tuple[int, list[st
     """Rebuild the checkpoint's Keras model and write it as a SavedModel or ``.keras`` file."""
     model = load_keras_model(source, _FORMAT_NAMES[fmt])
     if fmt == "keras":
-        model.save(path)
+        with warnings.catch_warnings():
+            # Keras 3.15's saver converts TF variables with np.asarray(copy=False), which NumPy 2
+            # deprecates for objects whose __array__ has no copy argument; harmless, not ours to fix
+            warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy", DeprecationWarning)
+            model.save(path)
     else:
         model.export(path, format="tf_saved_model", verbose=False)
     return len(model.weights), []
