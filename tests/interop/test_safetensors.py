@@ -132,7 +132,7 @@ def test_fsspec_urls_in_and_out(memory_url: str) -> None:
     with pitstop.CheckpointManager(src, async_save=False) as mgr:
         mgr.save(3, array_state(3))
     res = interop.export(src, f"{memory_url}/out/m.safetensors", to="safetensors")
-    assert res.files == (f"/{memory_url.removeprefix('memory://')}/out/m.safetensors",)
+    assert res.files == (f"memory:///{memory_url.removeprefix('memory://')}/out/m.safetensors",)
     with fsspec.open(f"{memory_url}/out/m.safetensors", "rb") as f:
         loaded = load(f.read())
     np.testing.assert_array_equal(loaded["params/dense/kernel"], array_state(3)["params"]["dense"]["kernel"])

@@ -212,6 +212,11 @@ class _Target:
         except Exception as exc:  # fsspec backends raise many kinds: name it, keep the cause
             raise StorageError(f"{action} {path} failed: {type(exc).__name__}: {exc}", path=path) from exc
 
+    def shown(self, entry: str) -> str:
+        """``entry``'s destination as users name it: a local path, or a URL."""
+        dest = self.dest(entry)
+        return dest if self.local else str(self.fs.unstrip_protocol(dest))
+
     def exists(self, entry: str) -> bool:
         dest = self.dest(entry)
         with self._io("checking", dest):
@@ -270,7 +275,7 @@ def staged_output(
     def refuse_existing(entries: Sequence[str]) -> None:
         existing = [e for e in entries if target.exists(e)]
         if existing and not overwrite:
-            shown = ", ".join(target.dest(e) for e in existing)
+            shown = ", ".join(target.shown(e) for e in existing)
             raise InteropError(
                 f"the export output already exists: {shown}; choose a new name, or pass overwrite=True "
                 "(--force on the command line) to replace it",
@@ -293,6 +298,6 @@ def staged_output(
             if target.exists(entry):
                 target.remove(entry)
             target.publish(os.path.join(stage, entry), entry)
-            staged.files.append(target.dest(entry))
+            staged.files.append(target.shown(entry))
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -34,7 +34,7 @@ from .._errors import (
     StorageError,
 )
 from .._tree import display_path
-from ._source import Source, check_unsupported, leaves, object_type
+from ._source import Source, check_unsupported, object_type
 from ._types import InteropError, missing_extra
 
 __all__ = [
@@ -83,10 +83,10 @@ class _Mirror:
         ((kind, body),) = node.items()
         if kind in ("array", "scalar", "value", "float"):
             return self._variable(np.asarray(tree) if kind in ("array", "scalar") else tree, path)
-        module = self.tf.Module(name=None)
-        children: list[tuple[str, dict[str, Any], Any]]
         if kind == "object":
             return self.build(body["state"], tree, path)
+        module = self.tf.Module()
+        children: list[tuple[str, dict[str, Any], Any]]
         if kind == "dict":
             children = [(k, child, tree[k]) for k, child in body.items()]
         else:
@@ -111,9 +111,8 @@ class _Mirror:
         try:
             dtype = tf.as_dtype(value.dtype)
             variable = tf.Variable(value, dtype=dtype, trainable=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError):
             self.unsupported.append(f"{display_path(path)}: dtype {value.dtype.name} has no TensorFlow equivalent")
-            del exc
             return None
         self.count += 1
         return variable
@@ -319,9 +318,8 @@ def _unescape(part: str) -> str:
     return re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S" else m.group(1), part)
 
 
-def saved_step(tf: Any, prefix: str) -> int | None:
+def saved_step(reader: Any, prefix: str) -> int | None:
     """The checkpoint's ``save_counter``, else the number in its name (``ckpt-7``), else ``None``."""
-    reader = _reader(tf, prefix)
     if reader.has_tensor(SAVE_COUNTER_KEY):
         value = np.asarray(reader.get_tensor(SAVE_COUNTER_KEY))
         if value.shape == () and np.issubdtype(value.dtype, np.integer) and int(value) >= 0:
@@ -366,7 +364,7 @@ def read_tf_variables(prefix: str) -> tuple[dict[str, Any], int | None, list[str
         parts = [_unescape(p) for p in stripped.split("/")] or [key]
         if not _insert(tree, parts, leaf):
             tree[key] = leaf  # a variable whose path is also a prefix of others: keep its full key
-    return tree, saved_step(tf, prefix), skipped
+    return tree, saved_step(reader, prefix), skipped
 
 
 def _leaf(value: Any) -> Any | None:
@@ -471,8 +469,4 @@ def restore_into(state: Any, prefix: str) -> tuple[int | None, list[str]]:
             f"cannot read the TensorFlow checkpoint {prefix}: {_tf_message(exc)}", path=prefix
         ) from exc
     status.expect_partial()
-    return saved_step(tf, prefix), plain
-
-
-def count_arrays(node: dict[str, Any], tree: Any) -> int:
-    return sum(1 for leaf in leaves(node, tree) if leaf.kind == "array")
+    return saved_step(reader, prefix), plain
