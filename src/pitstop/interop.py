@@ -10,8 +10,9 @@
 ``import pitstop.interop`` loads no framework: TensorFlow and safetensors are imported
 inside the functions that need them, and a missing one raises an ``ImportError`` naming
 the extra to install. Outputs are staged and published only when complete, never over an
-existing output unless ``overwrite=True``; both directions work on local paths and fsspec
-URLs (TensorFlow itself writes to a local staging directory first).
+existing output unless ``overwrite=True``. Pitstop directories and export outputs may be
+local paths or fsspec URLs (TensorFlow writes to a local staging directory, uploaded after);
+a TF checkpoint to import is read by TensorFlow, so it is a local path. See docs/interop.md.
 
 Example:
     >>> import numpy as np, pitstop, tempfile, os
