@@ -32,7 +32,7 @@ from ._interop._source import read_source, staged_output
 from ._interop._types import ExportResult, ImportResult, InteropError
 from ._manager import CheckpointManager
 
-__all__ = ["FORMATS", "ExportResult", "Format", "ImportResult", "InteropError", "export", "import_tf_checkpoint"]
+__all__ = ["ExportResult", "FORMATS", "Format", "ImportResult", "InteropError", "export", "import_tf_checkpoint"]
 
 Format = Literal["tf-checkpoint", "savedmodel", "keras", "safetensors"]
 #: The formats :func:`export` writes.

@@ -109,3 +109,21 @@ def test_keras_model_picked_by_key_among_several(tmp_path: Path) -> None:
     tf.train.Checkpoint(encoder=fresh).read(str(tmp_path / "enc")).expect_partial()
     for a, b in zip(fresh.weights, enc.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_checkpoint_of_the_keras_callback_exports_to_every_format(tmp_path: Path) -> None:
+    import pitstop.keras
+
+    model, _ = _model(5)
+    y = X[:, :2] * 2.0
+    callback = pitstop.keras.Checkpoint(str(tmp_path / "run"), monitor="val_loss")
+    model.fit(X, y, epochs=2, batch_size=4, validation_split=0.25, verbose=0, callbacks=[callback])
+    for fmt, out in [("safetensors", "w.safetensors"), ("tf-checkpoint", "ck"), ("keras", "m.keras")]:
+        assert interop.export(str(tmp_path / "run"), str(tmp_path / out), to=fmt).skipped == ()  # type: ignore[arg-type]
+    fresh, fresh_opt = _model(6)
+    tf.train.Checkpoint(model=fresh, optimizer=fresh_opt).read(str(tmp_path / "ck")).expect_partial()
+    for a, b in zip(fresh.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    reader = tf.train.load_checkpoint(str(tmp_path / "ck"))
+    assert reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 2
+    assert reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE") == 6  # the global step

@@ -138,6 +138,14 @@ def test_fsspec_urls_in_and_out(memory_url: str) -> None:
     np.testing.assert_array_equal(loaded["params/dense/kernel"], array_state(3)["params"]["dense"]["kernel"])
 
 
+def test_public_names_are_sorted_and_complete() -> None:
+    assert interop.__all__ == sorted(interop.__all__)
+    assert interop.FORMATS == ("tf-checkpoint", "savedmodel", "keras", "safetensors")
+    assert issubclass(interop.InteropError, pitstop.CheckpointError) and issubclass(interop.InteropError, ValueError)
+    for name in interop.__all__:
+        assert hasattr(interop, name)
+
+
 def test_importing_interop_loads_no_framework() -> None:
     code = (
         "import sys, pitstop.interop\n"
