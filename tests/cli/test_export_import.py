@@ -83,7 +83,7 @@ def test_import_tf_checkpoint_dir_to_memory_url(run: Cli, tmp_path: Path) -> Non
     try:
         res = run("import", tmp_path / "tf", url)
         assert res.exit_code == 0, res.output
-        assert res.stdout.strip() == f"imported {latest} into {url} as step 2: 1 arrays"
+        assert res.stdout.strip() == f"imported {latest} into {url} as step 2: 1 array"
         res = run("import", tmp_path / "tf", url, "--step", "9", "--json")
         doc = json.loads(res.stdout)
         assert (doc["step"], doc["source"], doc["arrays"]) == (9, latest, 1)

@@ -85,7 +85,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(run_dir: Path, 
 
 def test_unsupported_dtype_is_refused_or_skipped_and_listed(tmp_path: Path) -> None:
     d = tmp_path / "c"
-    pitstop.save(d, {"z": np.ones(2, np.complex128), "w": np.ones(3, np.float32)})
+    pitstop.save(d, {"z": np.ones(2, np.complex128), "w": np.ones(3, np.float32), "lr": float("nan")})
     out = tmp_path / "c.safetensors"
     with pytest.raises(
         interop.InteropError, match=r"z: dtype complex128 has no safetensors equivalent.*skip_unsupported"
@@ -95,6 +95,8 @@ def test_unsupported_dtype_is_refused_or_skipped_and_listed(tmp_path: Path) -> N
     res = interop.export(str(d), str(out), to="safetensors", skip_unsupported=True)
     assert res.skipped == ("z: dtype complex128 has no safetensors equivalent",)
     assert list(load_file(str(out))) == ["w"]
+    with safe_open(str(out), "np") as f:
+        assert json.loads(f.metadata()["values"]) == {"lr": "nan"}  # strict JSON, as in manifests
 
 
 def test_unknown_format_and_missing_checkpoint(tmp_path: Path, run_dir: Path) -> None:

@@ -21,6 +21,7 @@ from ._common import (
     err_console,
     json_option,
     out_console,
+    plural,
     storage_options_option,
 )
 
@@ -101,7 +102,7 @@ def export_command(
         return
     what = f"{result.directory} step {result.step}" + (f" ({result.key})" if result.key else "")
     console = out_console()
-    console.print(f"exported {what} to {fmt} {result.out}: {result.arrays} arrays")
+    console.print(f"exported {what} to {fmt} {result.out}: {plural(result.arrays, 'array')}")
     for path in result.files:
         console.print(f"  {path}")
 
@@ -138,5 +139,5 @@ def import_command(
         emit_json(result.to_json())
         return
     out_console().print(
-        f"imported {result.source} into {result.directory} as step {result.step}: {result.arrays} arrays"
+        f"imported {result.source} into {result.directory} as step {result.step}: {plural(result.arrays, 'array')}"
     )

@@ -63,7 +63,7 @@ def write_safetensors(source: Source, path: str, *, skip_unsupported: bool) -> t
     unsupported: list[str] = []
     for leaf in leaves(source.node, source.tree):
         if leaf.kind == "value":
-            values[leaf.name] = _json_float(leaf.value) if isinstance(leaf.value, float) else leaf.value
+            values[leaf.name] = leaf.stored
         elif leaf.value.dtype.name in SUPPORTED_DTYPES:
             tensors[leaf.name] = np.require(leaf.value, requirements="C")  # keeps 0-d arrays 0-d
         else:
@@ -71,7 +71,3 @@ def write_safetensors(source: Source, path: str, *, skip_unsupported: bool) -> t
     check_unsupported(unsupported, "safetensors", source, skip_unsupported)
     save_file(tensors, path, metadata=header(source, values))
     return len(tensors), unsupported
-
-
-def _json_float(v: float) -> float | str:
-    return v if np.isfinite(v) else repr(v)

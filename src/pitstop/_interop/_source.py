@@ -130,11 +130,16 @@ def object_type(node: dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class Leaf:
-    """An array (``kind="array"``) or a plain JSON value (``kind="value"``) of the tree."""
+    """An array (``kind="array"``) or a plain JSON value (``kind="value"``) of the tree.
+
+    ``stored`` is the value as the manifest stores it (strict JSON: a non-finite float is
+    ``"nan"``, ``"inf"`` or ``"-inf"``); ``None`` for arrays.
+    """
 
     path: PathT
     kind: str
     value: Any
+    stored: Any = None
 
     @property
     def name(self) -> str:
@@ -155,7 +160,7 @@ def leaves(node: dict[str, Any], tree: Any, path: PathT = ()) -> Iterator[Leaf]:
     elif kind in ("array", "scalar"):
         yield Leaf(path, "array", np.asarray(tree))
     else:
-        yield Leaf(path, "value", tree)
+        yield Leaf(path, "value", tree, body)
 
 
 def check_unsupported(unsupported: list[str], fmt: str, source: Source, skip: bool) -> None:
