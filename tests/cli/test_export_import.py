@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 import pitstop
 
 from .conftest import Cli
+
+load_file = pytest.importorskip("safetensors.numpy").load_file
 
 
 def test_help_has_examples(run: Cli) -> None:

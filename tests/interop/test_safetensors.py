@@ -10,13 +10,14 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import load_file
 
 import pitstop
 from pitstop import interop
 
 from .conftest import array_state
+
+safe_open = pytest.importorskip("safetensors").safe_open
+load_file = pytest.importorskip("safetensors.numpy").load_file
 
 
 def test_every_array_round_trips_with_step_metrics_and_values(run_dir: Path, tmp_path: Path) -> None:
