@@ -77,6 +77,18 @@ def test_array_state_reads_into_a_mirroring_tf_module(run_dir: Path, tmp_path: P
     assert int(ckpt.save_counter.numpy()) == 2
 
 
+def test_odd_names_survive_export_and_import(tmp_path: Path) -> None:
+    state = {"net": {"variables": np.ones(2), "name": np.zeros(1), "a/b.c": np.arange(3), "0": np.ones(1)}}
+    pitstop.save(tmp_path / "odd", state)
+    interop.export(str(tmp_path / "odd"), str(tmp_path / "ckpt"), to="tf-checkpoint")
+    keys = set(tf.train.load_checkpoint(str(tmp_path / "ckpt")).get_variable_to_shape_map())
+    assert {"net/variables" + V, "net/name" + V, "net/a.Sb..c" + V, "net/0" + V} <= keys
+    interop.import_tf_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+    back = pitstop.restore(tmp_path / "back")["net"]
+    assert sorted(back) == ["0", "a/b.c", "name", "variables"]
+    np.testing.assert_array_equal(back["a/b.c"], np.arange(3))
+
+
 def test_tf_checkpoint_on_a_url(run_dir: Path, memory_url: str) -> None:
     import fsspec
 

@@ -95,6 +95,8 @@ class _Mirror:
         for name, child_node, child_tree in children:
             child = self.build(child_node, child_tree, (*path, name))
             if child is not None:
+                # tracked by name, not set as attributes: keys such as "variables" or "name" are
+                # read-only properties of tf.Module, and the checkpoint key is the same either way
                 module._track_trackable(child, name=name, overwrite=True)
                 empty = False
         return None if empty else module
