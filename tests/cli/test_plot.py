@@ -89,6 +89,15 @@ def test_errors_are_one_line(run: Cli, ckpt: Path, tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "p.png").exists()
 
 
+def test_a_corrupt_manifest_is_left_out_with_a_warning(run: Cli, ckpt: Path, tmp_path: Path) -> None:
+    manifest = ckpt / "manifests" / f"{2:020d}.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"step":2', b'"step":3'))
+    res = run("plot", ckpt, "-o", tmp_path / "p.png", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["steps"] == [1, 3, 4]
+    assert res.stderr.startswith("warning: step 2 left out: ")
+
+
 def test_help_has_an_example(run: Cli) -> None:
     res = run("plot", "--help")
     assert res.exit_code == 0 and "Example:" in res.stdout and "pitstop plot " in res.stdout

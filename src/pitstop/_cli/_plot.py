@@ -23,6 +23,7 @@ from ._common import (
     CliError,
     _parse_storage_options,
     emit_json,
+    err_console,
     fmt_metric,
     json_float,
     json_option,
@@ -110,10 +111,14 @@ def plot(
         keep_best=keep_best,
         keep_every_n_steps=keep_every,
     ) as mgr:
-        readable = [(r, r.manifest) for r in _rows(mgr) if r.manifest is not None]
+        all_rows = _rows(mgr)
+        readable = [(r, r.manifest) for r in all_rows if r.manifest is not None]
         policy_best = mgr.best_step() if best_metric is not None else None
         name = mgr.directory
     rows = [r for r, _ in readable]
+    for r in all_rows:
+        if r.error:
+            err_console().print(f"warning: step {r.step} left out: {r.error}", style="yellow")
     if not rows:
         raise CliError(f"no readable checkpoint in {name}: nothing to plot")
     available = sorted({k for _, m in readable for k in m.metrics})
