@@ -147,8 +147,10 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
             raise SpecError(f"float node {body!r}")
     else:
         obj = _obj(body, "object")
-        if set(obj) != {"type", "state"} or type(obj["type"]) is not str:
+        if not {"type", "state"} <= set(obj) <= {"type", "state", "config"} or type(obj["type"]) is not str:
             raise SpecError("object node keys")
+        if "config" in obj:
+            _obj(obj["config"], "object config")
         _check_node(obj["state"], n_arrays, seen, depth + 1)
 
 
@@ -696,6 +698,8 @@ BODY_MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "float holding a number": _tree_add("x", {"float": "1.5"}),
     "object without type": _tree_add("x", {"object": {"state": {"value": 1}}}),
     "object with extra key": _tree_add("x", {"object": {"type": "t", "state": {"value": 1}, "code": "x"}}),
+    "object config not an object": _tree_add("x", {"object": {"type": "t", "state": {"value": 1}, "config": [1]}}),
+    "object config null": _tree_add("x", {"object": {"type": "t", "state": {"value": 1}, "config": None}}),
     "tree nested 401 deep": _tree_add("deep", _chain("list", 400)),
     "rng nested 401 deep": _set(("rng",), _chain("tuple", 401)),
     "missing body key": lambda b: b.pop("metadata"),
@@ -714,6 +718,9 @@ ACCEPTED_MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "unchanged": lambda b: None,
     "tree nested 400 deep": _tree_add("deep", _chain("list", 399)),
     "keys with slashes and unicode": _tree_add("a/b/\u00e9\u65e5", {"dict": {"": {"value": None}}}),
+    "object with a config": _tree_add(
+        "x", {"object": {"type": "t", "state": {"value": 1}, "config": {"keras": {"class_name": "Lambda"}}}}
+    ),
     "non-finite metric strings": _set(("metrics",), {"a": "nan", "b": "-inf", "c": 1}),
 }
 

@@ -45,6 +45,7 @@ MAX_ARRAY_BYTES = 1 << 50
 _PREFIX_RE = re.compile(rb'\A\{"format":"pitstop/(\d+)","checksum":"([0-9a-f]{32})","manifest":')
 _NAME_RE = re.compile(r"\A(\d{20})\.json\Z")
 _HEX_RE = re.compile(r"\A[0-9a-f]{32}\Z")
+_OBJECT_KEYS = frozenset({"type", "state", "config"})
 _NODE_KINDS = frozenset({"dict", "list", "tuple", "array", "scalar", "value", "float", "object"})
 
 
@@ -217,8 +218,10 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
             raise _InvalidError(f"float node holds {_short(body)}")
     else:  # object
         obj = _dict(body, "object node")
-        if set(obj) != {"type", "state"} or type(obj["type"]) is not str:
-            raise _InvalidError("object node needs exactly 'type' (str) and 'state'")
+        if not {"type", "state"} <= set(obj) <= _OBJECT_KEYS or type(obj["type"]) is not str:
+            raise _InvalidError("object node needs exactly 'type' (str), 'state' and optionally 'config'")
+        if "config" in obj:
+            _dict(obj["config"], "object node config")
         _check_node(obj["state"], n_arrays, seen, depth + 1)
 
 

@@ -109,6 +109,29 @@ def as_stateful(obj: object) -> Stateful | None:
     return None
 
 
+def object_config(stateful: Stateful) -> dict[str, Any] | None:
+    """The JSON config an adapter stores with an object (how to rebuild it), or ``None``.
+
+    Adapter wrappers may define ``_pitstop_config()`` returning a JSON object (e.g. a Keras
+    model's ``{"keras": serialize_keras_object(model)}``); it becomes the optional
+    ``config`` field of the ``object`` node (docs/format.md §6).
+    """
+    get = getattr(type(stateful), "_pitstop_config", None)
+    return get(stateful) if callable(get) else None
+
+
+def restore_template(stateful: Stateful) -> Any:
+    """What an in-place restore matches the saved state against.
+
+    Normally the object's current ``state_dict()``. Adapter wrappers whose state varies in
+    size (a serialized ``tf.data`` iterator) define ``_pitstop_restore_template()``: a tree
+    whose ``None`` leaves accept any saved value, read fresh and handed to
+    ``load_state_dict`` (so planning a restore does not serialize the object).
+    """
+    get = getattr(type(stateful), "_pitstop_restore_template", None)
+    return get(stateful) if callable(get) else stateful.state_dict()
+
+
 def display_path(path: PathT) -> str:
     """A readable path: ``model/layers/0/kernel``; odd keys are quoted."""
     if not path:
@@ -205,7 +228,11 @@ class _Flattener:
                 raise UnsupportedStateError(f"state contains a reference cycle at {display_path(path)}")
             self._active.add(id(obj))
             try:
-                return {"object": {"type": _object_type(obj), "state": self.node(stateful.state_dict(), path)}}
+                body = {"type": _object_type(obj), "state": self.node(stateful.state_dict(), path)}
+                config = object_config(stateful)
+                if config is not None:
+                    body["config"] = config
+                return {"object": body}
             finally:
                 self._active.discard(id(obj))
         if hasattr(obj, "__array__"):
@@ -366,7 +393,7 @@ class _Planner:
             return self._scalar_or_value(node, target, path)
         stateful = None if isinstance(target, (Mapping, list, tuple, np.ndarray)) else as_stateful(target)
         if stateful is not None:
-            sub = stateful.state_dict()
+            sub = restore_template(stateful)
             inner = self.walk(node, sub, path)
             self.plan.fixups.append(lambda arrays: stateful.load_state_dict(inner(arrays) if inner else sub))
             return None
@@ -467,7 +494,7 @@ class _Planner:
             return
         stateful = None if _is_plain(target) or isinstance(target, (np.ndarray, np.generic)) else as_stateful(target)
         if stateful is not None:
-            self._missing(stateful.state_dict(), path)
+            self._missing(restore_template(stateful), path)
             return
         self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
 

@@ -33,11 +33,12 @@ import numpy as np
 
 from . import tensorflow as _tf_adapter  # registers the TensorFlow/Keras adapter
 from ._errors import CheckpointError
+from ._keras_config import ModelConfigError, load_model
 from ._manager import CheckpointManager, PartialRestoreWarning
 from .data import DataOrder
 from .data._tf import batching, consume
 
-__all__ = ["Checkpoint", "InexactResumeWarning"]
+__all__ = ["Checkpoint", "InexactResumeWarning", "ModelConfigError", "load_model"]
 
 del _tf_adapter
 

@@ -160,6 +160,15 @@ def _walk(obj: Any, seen: set[int]) -> dict[str, Any]:
     return out
 
 
+class _ModelState(_TreeState):
+    """A Keras model: its variable tree, saved with its config (see ``_keras_config``)."""
+
+    def _pitstop_config(self) -> dict[str, Any] | None:
+        from ._keras_config import model_config
+
+        return model_config(self.obj)
+
+
 class _OptimizerState:
     """A Keras optimizer: ``iterations``, the learning rate and every slot, in order."""
 
@@ -178,6 +187,8 @@ def _adapter(obj: object) -> Stateful | None:
         return _VariableState(obj)
     if isinstance(obj, _Optimizer):
         return _OptimizerState(obj)
+    if keras is not None and isinstance(obj, keras.Model):
+        return _ModelState(obj)
     if isinstance(obj, (*_Layer, *_Seed, tf.Module, tf.random.Generator)):
         return _TreeState(obj)
     return None

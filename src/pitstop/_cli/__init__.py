@@ -24,8 +24,10 @@ from .._errors import CheckpointError
 from .._manager import CorruptCheckpointWarning, PartialRestoreWarning
 from ._common import CliError, err_console, one_line
 from ._diff import diff
+from ._export import export_command, import_command
 from ._inspect import ls, show
 from ._maintain import gc, verify
+from ._plot import plot
 
 __all__ = ["PitstopGroup", "cli", "main"]
 
@@ -59,7 +61,7 @@ def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
 @click.group(cls=PitstopGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pitstop")
 def cli() -> None:
-    """pitstop: inspect, compare, verify and clean checkpoint directories.
+    """pitstop: inspect, compare, verify, clean, export and plot checkpoint directories.
 
     DIRECTORY may be a local path or an fsspec URL (s3://bucket/run, memory://run).
     Every command takes --json for one machine-readable JSON document on stdout.
@@ -71,6 +73,8 @@ def cli() -> None:
         pitstop show runs/exp1 --step 1200
         pitstop diff runs/exp1@100 runs/exp1@200
         pitstop verify runs/exp1
+        pitstop export runs/exp1 --to safetensors exp1.safetensors
+        pitstop plot runs/exp1 --metric val_loss --output curves.png
     """
 
 
@@ -110,7 +114,7 @@ def demo(
     ctx.exit(_demo.main(directory, steps, fresh))
 
 
-for _command in (ls, show, diff, verify, gc):
+for _command in (ls, show, diff, verify, gc, export_command, import_command, plot):
     cli.add_command(_command)
 
 
