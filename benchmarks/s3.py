@@ -9,10 +9,12 @@ free one, data in a scratch directory removed at the end), then, in the same run
 - baseline: s3fs ``pipe_file`` of each array's bytes (one object per array, uploaded on
   the same number of threads) and ``cat_file`` back into the arrays.
 
-Prints medians and the ratio pitstop / baseline (1.0 = as fast as a plain s3fs copy).
+The two sides run alternately (baseline, pitstop, pitstop, baseline, ...) so that load from
+other processes hits both alike. Prints medians and the ratio pitstop / baseline (1.0 = as
+fast as a plain s3fs copy).
 Run from the repository root::
 
-    .venv/bin/python benchmarks/s3.py                 # 512 MiB in 8 arrays, 3 repeats
+    .venv/bin/python benchmarks/s3.py                 # 512 MiB in 8 arrays, 4 repeats
     .venv/bin/python benchmarks/s3.py --mib 128 --arrays 4 --repeat 2
 """
 
@@ -39,20 +41,24 @@ from tests.s3.seaweed import SeaweedFS
 import pitstop
 
 
-def _median_seconds(fn: Any, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(base: Any, ours: Any, repeat: int) -> tuple[float, float]:
+    """Median seconds of ``base`` and ``ours``, run alternately (ABBA...) so that load from
+    other processes on a shared host hits both sides alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(repeat):
+        order = ((0, base), (1, ours)) if r % 2 == 0 else ((1, ours), (0, base))
+        for side, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[side].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=512, help="total state size in MiB")
     ap.add_argument("--arrays", type=int, default=8, help="number of equal float32 arrays")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, default=8, help="IO threads for pitstop and for the baseline")
     args = ap.parse_args()
 
@@ -109,8 +115,7 @@ def main() -> None:
             ("save", pitstop_save, plain_save),
             ("restore", pitstop_restore, plain_restore),
         ):
-            b = _median_seconds(base, args.repeat)
-            p = _median_seconds(ours, args.repeat)
+            b, p = _interleaved(base, ours, args.repeat)
             rows.append((name, p, b))
         pool.shutdown()
         print(f"SeaweedFS {server.endpoint}, {total / 2**20:.0f} MiB in {args.arrays} arrays, "

@@ -10,8 +10,9 @@ stores (SFTP, ...) get the temporary-name-then-move scheme.
 
 On S3 (s3fs) the backend also sets what a long run needs: no listing cache (another
 process may commit or delete at any time), botocore's ``standard`` retry mode for
-throttling, 5xx and dropped connections (on top of s3fs's own retries), and multipart,
-parallel uploads of large objects (``PART_BYTES`` parts). Every fsspec/botocore error is
+throttling, 5xx and dropped connections (on top of s3fs's own retries), one PUT per
+object up to ``MULTIPART_THRESHOLD`` and multipart uploads with parallel ``PART_BYTES``
+parts above it. Every fsspec/botocore error is
 translated here, in :meth:`FsspecStorage._errors`, into a :class:`StorageError` whose
 message never contains a secret from the storage options or the environment.
 
@@ -33,12 +34,20 @@ from ._errors import CheckpointError, StorageError
 from ._lease import Lease, PreconditionFailedError
 from ._storage import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
 
-__all__ = ["PART_BYTES", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
+__all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "PART_CONCURRENCY", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "r2"}
 _S3 = {"s3", "s3a"}
-#: Part size of multipart uploads on S3: a 64 MiB chunk object goes up as 4 parallel parts.
-PART_BYTES = 16 << 20
+#: Objects smaller than this go up to S3 in one PUT. The writer's objects (64 MiB chunks,
+#: packs of up to 64 MiB) all do: a multipart upload costs two extra round trips (create,
+#: complete) per object and a server-side assembly, and the writer already uploads
+#: ``io_threads`` objects at once, so splitting them made saves ~1.4x slower than a plain
+#: upload (benchmarks/s3.py).
+MULTIPART_THRESHOLD = 128 << 20
+#: Part size of the multipart uploads of larger objects (parts go up in parallel).
+PART_BYTES = 32 << 20
+#: Parts of one multipart upload in flight at once.
+PART_CONCURRENCY = 4
 #: botocore attempts per request (``standard`` retry mode) unless ``config_kwargs`` sets retries.
 RETRY_ATTEMPTS = 8
 
@@ -180,7 +189,12 @@ class FsspecStorage:
 
     def _put(self, path: str, data: bytes, *, create: bool = False) -> None:
         """Upload ``data``; with ``create`` only if ``path`` does not exist (any 412 -> FileExistsError)."""
-        kwargs: dict[str, Any] = {"chunksize": PART_BYTES} if self._s3 else {}
+        kwargs: dict[str, Any] = {}
+        if self._s3 and len(data) >= MULTIPART_THRESHOLD:
+            # s3fs makes one PUT of anything below 2 * chunksize, parts of chunksize above
+            kwargs = {"chunksize": PART_BYTES, "max_concurrency": PART_CONCURRENCY}
+        elif self._s3:
+            kwargs = {"chunksize": max(PART_BYTES, len(data))}  # one PUT whatever s3fs's default
         if create:
             kwargs["mode"] = "create"
         try:

@@ -64,23 +64,47 @@ def test_save_restore_list_latest_best(s3_url: str, s3_options: dict[str, Any], 
     reader.close()
 
 
+def _spy_calls(mgr: pitstop.CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The S3 operations the manager's filesystem makes from now on, in order."""
+    calls: list[str] = []
+    fs = mgr._storage.fs  # type: ignore[attr-defined]
+    original = fs._call_s3
+
+    async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", spy)
+    return calls
+
+
 def test_large_objects_go_up_as_parallel_multipart(
     s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, s3fs_client: Any
 ) -> None:
+    monkeypatch.setattr(_fsspec_storage, "MULTIPART_THRESHOLD", 10 << 20)
     monkeypatch.setattr(_fsspec_storage, "PART_BYTES", 5 << 20)  # the S3 minimum part size
-    calls: list[str] = []
     with pitstop.CheckpointManager(s3_url, storage_options=s3_options, async_save=False) as mgr:
-        fs = mgr._storage.fs  # type: ignore[attr-defined]
-        original = fs._call_s3
-
-        async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append(method)
-            return await original(method, *args, **kwargs)
-
-        monkeypatch.setattr(fs, "_call_s3", spy)
+        calls = _spy_calls(mgr, monkeypatch)
         big = np.random.default_rng(0).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
         mgr.save(1, {"big": big})
         assert calls.count("upload_part") >= 3 and "complete_multipart_upload" in calls
+        np.testing.assert_array_equal(mgr.restore()[1]["big"], big)
+        mgr.verify()
+
+
+def test_objects_below_the_threshold_go_up_in_one_put(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, s3fs_client: Any
+) -> None:
+    # the writer's objects (<= 64 MiB) are below the default threshold: one PUT each, no
+    # multipart round trips, whatever s3fs's own default part size is
+    monkeypatch.setattr(_fsspec_storage, "PART_BYTES", 5 << 20)
+    assert _fsspec_storage.MULTIPART_THRESHOLD > 12 << 20
+    with pitstop.CheckpointManager(s3_url, storage_options=s3_options, async_save=False) as mgr:
+        calls = _spy_calls(mgr, monkeypatch)
+        big = np.random.default_rng(1).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
+        mgr.save(1, {"big": big, "small": np.arange(10)})
+        assert "create_multipart_upload" not in calls and "upload_part" not in calls
+        assert calls.count("put_object") >= 3  # the chunk, the pack of small arrays, the manifest
         np.testing.assert_array_equal(mgr.restore()[1]["big"], big)
         mgr.verify()
 
