@@ -205,13 +205,30 @@ class FsspecStorage:
             raise
 
     def read_versioned(self, path: str) -> tuple[bytes, str | None] | None:
-        """The object's bytes and version tag (S3 ETag; ``None`` elsewhere), or ``None`` if absent."""
+        """The object's bytes and version tag (S3 ETag; ``None`` elsewhere), or ``None`` if absent.
+
+        On S3 both come from one GET, so the tag is the tag of these bytes (a HEAD then a
+        GET could pair another writer's new tag with the old bytes, and a compare-and-swap
+        on that tag would then overwrite a lease it never read).
+        """
         try:
-            tag = self.fs.info(path).get("ETag") if self._s3 else None
+            if self._s3:
+                found: tuple[bytes, str | None] = fsspec.asyn.sync(self.fs.loop, self._get_versioned, path)
+                return found
             data: bytes = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        return data, (str(tag) if tag else None)
+        return data, None
+
+    async def _get_versioned(self, path: str) -> tuple[bytes, str | None]:
+        bucket, key, _ = self.fs.split_path(path)
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)  # NoSuchKey -> FileNotFoundError
+        try:
+            data = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        tag = response.get("ETag")
+        return bytes(data), (str(tag) if tag else None)
 
     def write_conditional(self, path: str, data: bytes, *, absent: bool, version: str | None) -> None:
         """Write ``path`` only if still absent / still at ``version`` (checked where the store can)."""
@@ -236,6 +253,9 @@ class FsspecStorage:
     # -- layout -----------------------------------------------------------------------------
     def ensure_layout(self) -> None:
         with self._errors("creating checkpoint directory", self.location):
+            if self._s3:  # no directories: only the bucket must exist (one request, not three)
+                self.fs.makedirs(self.root, exist_ok=True)
+                return
             for d in ("", _commit.MANIFEST_DIR, _commit.OBJECT_DIR):
                 self.fs.makedirs(self._path(d) if d else self.root, exist_ok=True)
 
@@ -331,6 +351,9 @@ class FsspecStorage:
         path = self._path(_commit.OBJECT_DIR, name)
         with self._errors("inspecting", path):
             try:
+                if self._s3:  # one HEAD; fs.info adds a listing when the object is missing
+                    bucket, key, _ = self.fs.split_path(path)
+                    return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
                 return int(self.fs.info(path)["size"])
             except FileNotFoundError:
                 return None

@@ -268,3 +268,32 @@ def test_redaction_covers_options_and_environment(monkeypatch: pytest.MonkeyPatc
     storage = FsspecStorage("memory://pitstop-redact/x", {"client_kwargs": {"aws_session_token": "tok-123456"}})
     text = storage._redact("a env-secret-value-42 b tok-123456 c")
     assert text == "a *** b *** c"
+
+
+def test_versioned_read_pairs_bytes_with_their_tag_and_the_swap_checks_it(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FsspecStorage(s3_url, s3_options)
+    path = storage._path("writer.lock")
+    assert storage.read_versioned(path) is None
+    assert storage.object_size("0" * 32) is None  # a missing object, one HEAD
+    storage.write_conditional(path, b"first", absent=True, version=None)
+    with pytest.raises(_lease.PreconditionFailedError):  # exists now: a second create is refused
+        storage.write_conditional(path, b"other", absent=True, version=None)
+    calls: list[str] = []
+    original = storage.fs._call_s3
+
+    async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    monkeypatch.setattr(storage.fs, "_call_s3", spy)
+    first = storage.read_versioned(path)
+    assert calls == ["get_object"]  # bytes and ETag from one response, not a HEAD then a GET
+    assert first is not None and first[0] == b"first" and first[1]
+    storage.write_conditional(path, b"second", absent=False, version=first[1])
+    second = storage.read_versioned(path)
+    assert second is not None and second[0] == b"second" and second[1] != first[1]
+    with pytest.raises(_lease.PreconditionFailedError):  # the old tag no longer matches
+        storage.write_conditional(path, b"stale", absent=False, version=first[1])
+    assert storage.read_versioned(path) == second
