@@ -21,6 +21,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import collections
 import shutil
 import statistics
 import sys
@@ -39,6 +40,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tests.s3.seaweed import SeaweedFS
 
 import pitstop
+
+_REQUESTS: collections.Counter[str] = collections.Counter()
+
+
+def _count_requests() -> None:
+    """Count every S3 API call (all of s3fs's calls end in ``AioBaseClient._make_api_call``)."""
+    from aiobotocore.client import AioBaseClient
+
+    original = AioBaseClient._make_api_call
+
+    async def counted(self: Any, operation_name: str, api_params: Any) -> Any:
+        _REQUESTS[operation_name] += 1
+        return await original(self, operation_name, api_params)
+
+    AioBaseClient._make_api_call = counted  # type: ignore[method-assign]
+
+
+def _requests_of(fn: Any) -> str:
+    _REQUESTS.clear()
+    fn()
+    return ", ".join(f"{n} {k}" for k, n in _REQUESTS.most_common())
 
 
 def _interleaved(base: Any, ours: Any, repeat: int) -> tuple[float, float]:
@@ -64,6 +86,7 @@ def main() -> None:
 
     import s3fs
 
+    _count_requests()
     scratch = Path(tempfile.mkdtemp(prefix="pitstop-s3-bench-"))
     server = SeaweedFS(scratch)
     try:
@@ -117,12 +140,17 @@ def main() -> None:
         ):
             b, p = _interleaved(base, ours, args.repeat)
             rows.append((name, p, b))
+        requests = [(name, _requests_of(ours), _requests_of(base)) for name, ours, base in (
+            ("save", pitstop_save, plain_save), ("restore", pitstop_restore, plain_restore))]  # fmt: skip
         pool.shutdown()
         print(f"SeaweedFS {server.endpoint}, {total / 2**20:.0f} MiB in {args.arrays} arrays, "
               f"{args.threads} IO threads, median of {args.repeat}")  # fmt: skip
         print(f"{'':8} {'pitstop MB/s':>13} {'s3fs MB/s':>10} {'ratio (time)':>13}")
         for name, p, b in rows:
             print(f"{name:8} {total / p / 1e6:13.1f} {total / b / 1e6:10.1f} {p / b:13.2f}")
+        print("S3 requests of one save/restore (pitstop: a fresh manager each time, lease included):")
+        for name, ours, base in requests:
+            print(f"  {name:8} pitstop: {ours}\n  {'':8} s3fs:    {base}")
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
