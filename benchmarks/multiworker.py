@@ -4,7 +4,11 @@ Each rank holds the same replicated state (``--mb`` MiB of float32 in 16 arrays,
 before every save so nothing is deduplicated) plus a small PerRank value. Every save is
 timed on every rank from just before ``save()`` to its return (the commit plus both
 barriers); the table shows the median over ``--saves`` saves of the slowest rank, and
-the ratio to one rank. Run:
+the ratio to one rank. ``--warmup`` saves come first and are not timed: until retention
+(``max_to_keep=2``) starts deleting, every save writes into freshly allocated page cache,
+which on these VMs costs 0.6-2.5 s per GiB at random (see README.md) and swamps
+everything else. The 1- and 2-rank runs alternate ``--rounds`` times (load from other
+processes hits both alike); the median is over all rounds. Run:
 
     python benchmarks/multiworker.py --mb 256 --saves 5
 """
@@ -35,19 +39,20 @@ def worker(args: argparse.Namespace) -> None:
     state = {"params": [np.full(n, i, np.float32) for i in range(16)], "local": PerRank(np.zeros(4))}
     mgr = pitstop.CheckpointManager(args.dir, coordinator=TorchCoordinator(), max_to_keep=2, capture_rng=False)
     times = []
-    for step in range(1, args.saves + 1):
+    for step in range(1, args.warmup + args.saves + 1):
         for a in state["params"]:
-            a += 1.0
+            a += len(state["params"])  # (+1 would make array i equal the last save's array i+1: deduplicated)
         dist.barrier()
         t0 = time.perf_counter()
         mgr.save(step, state)
-        times.append(time.perf_counter() - t0)
+        if step > args.warmup:
+            times.append(time.perf_counter() - t0)
     mgr.close()
     with open(args.out, "w") as f:
         json.dump(times, f)
 
 
-def run(world: int, mb: int, saves: int) -> list[float]:
+def run(world: int, mb: int, saves: int, warmup: int) -> list[float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,7 +61,7 @@ def run(world: int, mb: int, saves: int) -> list[float]:
         for rank in range(world):
             cmd = [sys.executable, __file__, "--worker", "--port", str(port), "--rank", str(rank),
                    "--world", str(world), "--dir", os.path.join(tmp, "ck"), "--out", os.path.join(tmp, f"{rank}.json"),
-                   "--mb", str(mb), "--saves", str(saves)]  # fmt: skip
+                   "--mb", str(mb), "--saves", str(saves), "--warmup", str(warmup)]  # fmt: skip
             procs.append(subprocess.Popen(cmd))
         for p in procs:
             if p.wait() != 0:
@@ -69,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--saves", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed saves first (page cache, connections)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating 1-rank/2-rank runs")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--port", type=int)
     ap.add_argument("--rank", type=int)
@@ -79,12 +86,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    rows = []
-    for world in (1, 2):
-        med = statistics.median(run(world, args.mb, args.saves))
-        rows.append((world, med))
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(args.rounds):
+        for world in (1, 2) if r % 2 == 0 else (2, 1):
+            times[world] += run(world, args.mb, args.saves, args.warmup)
+    rows = [(world, statistics.median(ts)) for world, ts in times.items()]
     base = rows[0][1]
-    print(f"multi-worker save, {args.mb} MiB replicated state, median of {args.saves} saves (slowest rank)")
+    print(f"multi-worker save, {args.mb} MiB replicated state, median of {args.rounds} x {args.saves} saves "
+          f"after {args.warmup} warm-up saves (slowest rank)")  # fmt: skip
     print(f"{'ranks':>5} {'save s':>8} {'GB/s':>6} {'vs 1 rank':>9}")
     for world, t in rows:
         print(f"{world:>5} {t:8.3f} {args.mb / 1024 / t:6.2f} {t / base:8.2f}x")

@@ -9,16 +9,19 @@ free one, data in a scratch directory removed at the end), then, in the same run
 - baseline: s3fs ``pipe_file`` of each array's bytes (one object per array, uploaded on
   the same number of threads) and ``cat_file`` back into the arrays.
 
-Prints medians and the ratio pitstop / baseline (1.0 = as fast as a plain s3fs copy).
+The two sides run alternately (baseline, pitstop, pitstop, baseline, ...) so that load from
+other processes hits both alike. Prints medians and the ratio pitstop / baseline (1.0 = as
+fast as a plain s3fs copy).
 Run from the repository root::
 
-    .venv/bin/python benchmarks/s3.py                 # 512 MiB in 8 arrays, 3 repeats
+    .venv/bin/python benchmarks/s3.py                 # 512 MiB in 8 arrays, 4 repeats
     .venv/bin/python benchmarks/s3.py --mib 128 --arrays 4 --repeat 2
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import shutil
 import statistics
 import sys
@@ -38,26 +41,52 @@ from tests.s3.seaweed import SeaweedFS
 
 import pitstop
 
+_REQUESTS: collections.Counter[str] = collections.Counter()
 
-def _median_seconds(fn: Any, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+def _count_requests() -> None:
+    """Count every S3 API call (all of s3fs's calls end in ``AioBaseClient._make_api_call``)."""
+    from aiobotocore.client import AioBaseClient
+
+    original = AioBaseClient._make_api_call
+
+    async def counted(self: Any, operation_name: str, api_params: Any) -> Any:
+        _REQUESTS[operation_name] += 1
+        return await original(self, operation_name, api_params)
+
+    AioBaseClient._make_api_call = counted  # type: ignore[method-assign]
+
+
+def _requests_of(fn: Any) -> str:
+    _REQUESTS.clear()
+    fn()
+    return ", ".join(f"{n} {k}" for k, n in _REQUESTS.most_common())
+
+
+def _interleaved(base: Any, ours: Any, repeat: int) -> tuple[float, float]:
+    """Median seconds of ``base`` and ``ours``, run alternately (ABBA...) so that load from
+    other processes on a shared host hits both sides alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(repeat):
+        order = ((0, base), (1, ours)) if r % 2 == 0 else ((1, ours), (0, base))
+        for side, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[side].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=512, help="total state size in MiB")
     ap.add_argument("--arrays", type=int, default=8, help="number of equal float32 arrays")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, default=8, help="IO threads for pitstop and for the baseline")
     args = ap.parse_args()
 
     import s3fs
 
+    _count_requests()
     scratch = Path(tempfile.mkdtemp(prefix="pitstop-s3-bench-"))
     server = SeaweedFS(scratch)
     try:
@@ -109,15 +138,19 @@ def main() -> None:
             ("save", pitstop_save, plain_save),
             ("restore", pitstop_restore, plain_restore),
         ):
-            b = _median_seconds(base, args.repeat)
-            p = _median_seconds(ours, args.repeat)
+            b, p = _interleaved(base, ours, args.repeat)
             rows.append((name, p, b))
+        requests = [(name, _requests_of(ours), _requests_of(base)) for name, ours, base in (
+            ("save", pitstop_save, plain_save), ("restore", pitstop_restore, plain_restore))]  # fmt: skip
         pool.shutdown()
         print(f"SeaweedFS {server.endpoint}, {total / 2**20:.0f} MiB in {args.arrays} arrays, "
               f"{args.threads} IO threads, median of {args.repeat}")  # fmt: skip
         print(f"{'':8} {'pitstop MB/s':>13} {'s3fs MB/s':>10} {'ratio (time)':>13}")
         for name, p, b in rows:
             print(f"{name:8} {total / p / 1e6:13.1f} {total / b / 1e6:10.1f} {p / b:13.2f}")
+        print("S3 requests of one save/restore (pitstop: a fresh manager each time, lease included):")
+        for name, ours, base in requests:
+            print(f"  {name:8} pitstop: {ours}\n  {'':8} s3fs:    {base}")
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -6,7 +6,8 @@ the ranks by size, and each rank writes only its share. Arrays under a :class:`P
 node (a rank's data position, its RNG states) are written by their own rank. Each rank
 writes its objects with the ordinary writer (content-addressed, so ranks never clash) and
 then a *part*: a small JSON file in ``manifests/`` naming its tree and the entries of the
-arrays it wrote. Part names never parse as a step, so readers ignore them.
+arrays it wrote. Part names never parse as a step, so readers ignore them. The chief's own
+part stays in its memory: it is the one that merges, and every rank waits on that path.
 
 The framework's collective is the barrier, never a socket of ours: after every rank has
 written its part (barrier 1, which also tells everyone whether some rank failed), the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from contextvars import ContextVar
@@ -56,6 +58,9 @@ _PART_FORMAT = "pitstop-part/1"
 _PART_INFIX = ".part-"
 
 _RANK: ContextVar[int] = ContextVar("pitstop_rank", default=0)
+#: The chief's own part of the save in flight (step, JSON), by storage: the chief merges in
+#: the process that wrote it, so it is kept in memory instead of written and read back.
+_CHIEF_PARTS: weakref.WeakKeyDictionary[Any, tuple[int, bytes]] = weakref.WeakKeyDictionary()
 
 
 @runtime_checkable
@@ -220,6 +225,8 @@ def write_part(
         A manifest of just the arrays written (to extend the rank's dedup index) and
         what writing them cost.
     """
+    if rank == 0:
+        _CHIEF_PARTS.pop(storage, None)
     replicated: list[int] = []
     ranked: list[int] = []
     _split(flat.tree, replicated, ranked)
@@ -251,9 +258,15 @@ def write_part(
         "ranked": {str(i): _entry_out(local[i]) for i in ranked},
         "objects": written.objects,
     }
+    data = json.dumps(part, separators=(",", ":"), allow_nan=False).encode()
+    if rank == 0:
+        # the chief merges in this process: its part never needs to reach the storage
+        # (saves a durable write, a read and a delete on the path every rank waits on)
+        _CHIEF_PARTS[storage] = (step, data)
+        return written, stats
     name = part_name(step, rank)
     storage.delete_manifest(name)  # a leftover of a crashed attempt at this step
-    storage.publish_manifest(name, json.dumps(part, separators=(",", ":"), allow_nan=False).encode())
+    storage.publish_manifest(name, data)
     return written, stats
 
 
@@ -275,8 +288,9 @@ class _Part:
 def _read_part(storage: Storage, step: int, rank: int, world_size: int) -> _Part:
     name = part_name(step, rank)
     where = f"{storage.location}/manifests/{name}"
+    kept = _CHIEF_PARTS.pop(storage, None) if rank == 0 else None
     try:
-        raw = json.loads(storage.read_manifest(name))
+        raw = json.loads(kept[1] if kept is not None and kept[0] == step else storage.read_manifest(name))
         if raw.get("format") != _PART_FORMAT or raw["step"] != step or raw["rank"] != rank:
             raise ValueError(f"it is not rank {rank}'s part of step {step}")
         if raw["world_size"] != world_size:

@@ -10,8 +10,9 @@ stores (SFTP, ...) get the temporary-name-then-move scheme.
 
 On S3 (s3fs) the backend also sets what a long run needs: no listing cache (another
 process may commit or delete at any time), botocore's ``standard`` retry mode for
-throttling, 5xx and dropped connections (on top of s3fs's own retries), and multipart,
-parallel uploads of large objects (``PART_BYTES`` parts). Every fsspec/botocore error is
+throttling, 5xx and dropped connections (on top of s3fs's own retries), one PUT per
+object up to ``MULTIPART_THRESHOLD`` and multipart uploads with parallel ``PART_BYTES``
+parts above it. Every fsspec/botocore error is
 translated here, in :meth:`FsspecStorage._errors`, into a :class:`StorageError` whose
 message never contains a secret from the storage options or the environment.
 
@@ -33,12 +34,20 @@ from ._errors import CheckpointError, StorageError
 from ._lease import Lease, PreconditionFailedError
 from ._storage import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
 
-__all__ = ["PART_BYTES", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
+__all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "PART_CONCURRENCY", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "r2"}
 _S3 = {"s3", "s3a"}
-#: Part size of multipart uploads on S3: a 64 MiB chunk object goes up as 4 parallel parts.
-PART_BYTES = 16 << 20
+#: Objects smaller than this go up to S3 in one PUT. The writer's objects (64 MiB chunks,
+#: packs of up to 64 MiB) all do: a multipart upload costs two extra round trips (create,
+#: complete) per object and a server-side assembly, and the writer already uploads
+#: ``io_threads`` objects at once, so splitting them made saves ~1.4x slower than a plain
+#: upload (benchmarks/s3.py).
+MULTIPART_THRESHOLD = 128 << 20
+#: Part size of the multipart uploads of larger objects (parts go up in parallel).
+PART_BYTES = 32 << 20
+#: Parts of one multipart upload in flight at once.
+PART_CONCURRENCY = 4
 #: botocore attempts per request (``standard`` retry mode) unless ``config_kwargs`` sets retries.
 RETRY_ATTEMPTS = 8
 
@@ -180,7 +189,12 @@ class FsspecStorage:
 
     def _put(self, path: str, data: bytes, *, create: bool = False) -> None:
         """Upload ``data``; with ``create`` only if ``path`` does not exist (any 412 -> FileExistsError)."""
-        kwargs: dict[str, Any] = {"chunksize": PART_BYTES} if self._s3 else {}
+        kwargs: dict[str, Any] = {}
+        if self._s3 and len(data) >= MULTIPART_THRESHOLD:
+            # s3fs makes one PUT of anything below 2 * chunksize, parts of chunksize above
+            kwargs = {"chunksize": PART_BYTES, "max_concurrency": PART_CONCURRENCY}
+        elif self._s3:
+            kwargs = {"chunksize": max(PART_BYTES, len(data))}  # one PUT whatever s3fs's default
         if create:
             kwargs["mode"] = "create"
         try:
@@ -191,13 +205,30 @@ class FsspecStorage:
             raise
 
     def read_versioned(self, path: str) -> tuple[bytes, str | None] | None:
-        """The object's bytes and version tag (S3 ETag; ``None`` elsewhere), or ``None`` if absent."""
+        """The object's bytes and version tag (S3 ETag; ``None`` elsewhere), or ``None`` if absent.
+
+        On S3 both come from one GET, so the tag is the tag of these bytes (a HEAD then a
+        GET could pair another writer's new tag with the old bytes, and a compare-and-swap
+        on that tag would then overwrite a lease it never read).
+        """
         try:
-            tag = self.fs.info(path).get("ETag") if self._s3 else None
+            if self._s3:
+                found: tuple[bytes, str | None] = fsspec.asyn.sync(self.fs.loop, self._get_versioned, path)
+                return found
             data: bytes = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        return data, (str(tag) if tag else None)
+        return data, None
+
+    async def _get_versioned(self, path: str) -> tuple[bytes, str | None]:
+        bucket, key, _ = self.fs.split_path(path)
+        response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)  # NoSuchKey -> FileNotFoundError
+        try:
+            data = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        tag = response.get("ETag")
+        return bytes(data), (str(tag) if tag else None)
 
     def write_conditional(self, path: str, data: bytes, *, absent: bool, version: str | None) -> None:
         """Write ``path`` only if still absent / still at ``version`` (checked where the store can)."""
@@ -222,6 +253,9 @@ class FsspecStorage:
     # -- layout -----------------------------------------------------------------------------
     def ensure_layout(self) -> None:
         with self._errors("creating checkpoint directory", self.location):
+            if self._s3:  # no directories: only the bucket must exist (one request, not three)
+                self.fs.makedirs(self.root, exist_ok=True)
+                return
             for d in ("", _commit.MANIFEST_DIR, _commit.OBJECT_DIR):
                 self.fs.makedirs(self._path(d) if d else self.root, exist_ok=True)
 
@@ -317,6 +351,9 @@ class FsspecStorage:
         path = self._path(_commit.OBJECT_DIR, name)
         with self._errors("inspecting", path):
             try:
+                if self._s3:  # one HEAD; fs.info adds a listing when the object is missing
+                    bucket, key, _ = self.fs.split_path(path)
+                    return int(self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ContentLength"])
                 return int(self.fs.info(path)["size"])
             except FileNotFoundError:
                 return None

@@ -220,3 +220,37 @@ def test_format_of_a_multi_worker_manifest(tmp_path: Path) -> None:
     assert body["rng"]["object"]["type"] == "pitstop._distributed.PerRank"
     assert set(body["rng"]["object"]["state"]["dict"]) == {"0", "1"}
     assert body["tree"]["dict"]["data"]["object"]["type"] == "pitstop._distributed.PerRank"
+
+
+def test_rank0_keeps_its_part_in_memory_other_ranks_write_theirs(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+
+    def save(coord: ThreadCoordinator) -> Any:
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=None, capture_rng=False) as mgr:
+            published: list[str] = []
+            storage = mgr._storage
+            real = storage.publish_manifest
+
+            def spy(name: str, data: bytes) -> None:
+                published.append(name)
+                real(name, data)
+
+            storage.publish_manifest = spy  # type: ignore[method-assign]
+            for step in (1, 2):
+                mgr.save(step, _state(coord.rank))
+            return published
+
+    published = _ok(run_ranks(3, save))
+    # rank 0 publishes only the commits; ranks 1 and 2 their parts, which rank 0 then removes
+    assert published[0] == ["00000000000000000001.json", "00000000000000000002.json"]
+    for r in (1, 2):
+        assert published[r] == [f"{s:020d}.part-{r:05d}.json" for s in (1, 2)]
+    assert sorted(os.listdir(d / "manifests")) == ["00000000000000000001.json", "00000000000000000002.json"]
+    mgr = pitstop.CheckpointManager(d)
+    for step in (1, 2):
+        tree = mgr.restore(step=step)[1]
+        assert all(
+            int(tree["data"][str(r)]["pos"][0]) == r * 10 and tree["data"][str(r)]["seed"] == r for r in range(3)
+        )
+        np.testing.assert_array_equal(tree["w"], _state(0)["w"])
+    assert mgr.verify() == [1, 2]

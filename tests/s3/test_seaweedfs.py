@@ -64,23 +64,47 @@ def test_save_restore_list_latest_best(s3_url: str, s3_options: dict[str, Any], 
     reader.close()
 
 
+def _spy_calls(mgr: pitstop.CheckpointManager, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The S3 operations the manager's filesystem makes from now on, in order."""
+    calls: list[str] = []
+    fs = mgr._storage.fs  # type: ignore[attr-defined]
+    original = fs._call_s3
+
+    async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", spy)
+    return calls
+
+
 def test_large_objects_go_up_as_parallel_multipart(
     s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, s3fs_client: Any
 ) -> None:
+    monkeypatch.setattr(_fsspec_storage, "MULTIPART_THRESHOLD", 10 << 20)
     monkeypatch.setattr(_fsspec_storage, "PART_BYTES", 5 << 20)  # the S3 minimum part size
-    calls: list[str] = []
     with pitstop.CheckpointManager(s3_url, storage_options=s3_options, async_save=False) as mgr:
-        fs = mgr._storage.fs  # type: ignore[attr-defined]
-        original = fs._call_s3
-
-        async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append(method)
-            return await original(method, *args, **kwargs)
-
-        monkeypatch.setattr(fs, "_call_s3", spy)
+        calls = _spy_calls(mgr, monkeypatch)
         big = np.random.default_rng(0).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
         mgr.save(1, {"big": big})
         assert calls.count("upload_part") >= 3 and "complete_multipart_upload" in calls
+        np.testing.assert_array_equal(mgr.restore()[1]["big"], big)
+        mgr.verify()
+
+
+def test_objects_below_the_threshold_go_up_in_one_put(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, s3fs_client: Any
+) -> None:
+    # the writer's objects (<= 64 MiB) are below the default threshold: one PUT each, no
+    # multipart round trips, whatever s3fs's own default part size is
+    monkeypatch.setattr(_fsspec_storage, "PART_BYTES", 5 << 20)
+    assert _fsspec_storage.MULTIPART_THRESHOLD > 12 << 20
+    with pitstop.CheckpointManager(s3_url, storage_options=s3_options, async_save=False) as mgr:
+        calls = _spy_calls(mgr, monkeypatch)
+        big = np.random.default_rng(1).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
+        mgr.save(1, {"big": big, "small": np.arange(10)})
+        assert "create_multipart_upload" not in calls and "upload_part" not in calls
+        assert calls.count("put_object") >= 3  # the chunk, the pack of small arrays, the manifest
         np.testing.assert_array_equal(mgr.restore()[1]["big"], big)
         mgr.verify()
 
@@ -244,3 +268,32 @@ def test_redaction_covers_options_and_environment(monkeypatch: pytest.MonkeyPatc
     storage = FsspecStorage("memory://pitstop-redact/x", {"client_kwargs": {"aws_session_token": "tok-123456"}})
     text = storage._redact("a env-secret-value-42 b tok-123456 c")
     assert text == "a *** b *** c"
+
+
+def test_versioned_read_pairs_bytes_with_their_tag_and_the_swap_checks_it(
+    s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FsspecStorage(s3_url, s3_options)
+    path = storage._path("writer.lock")
+    assert storage.read_versioned(path) is None
+    assert storage.object_size("0" * 32) is None  # a missing object, one HEAD
+    storage.write_conditional(path, b"first", absent=True, version=None)
+    with pytest.raises(_lease.PreconditionFailedError):  # exists now: a second create is refused
+        storage.write_conditional(path, b"other", absent=True, version=None)
+    calls: list[str] = []
+    original = storage.fs._call_s3
+
+    async def spy(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(method)
+        return await original(method, *args, **kwargs)
+
+    monkeypatch.setattr(storage.fs, "_call_s3", spy)
+    first = storage.read_versioned(path)
+    assert calls == ["get_object"]  # bytes and ETag from one response, not a HEAD then a GET
+    assert first is not None and first[0] == b"first" and first[1]
+    storage.write_conditional(path, b"second", absent=False, version=first[1])
+    second = storage.read_versioned(path)
+    assert second is not None and second[0] == b"second" and second[1] != first[1]
+    with pytest.raises(_lease.PreconditionFailedError):  # the old tag no longer matches
+        storage.write_conditional(path, b"stale", absent=False, version=first[1])
+    assert storage.read_versioned(path) == second
