@@ -591,7 +591,7 @@ class CheckpointManager:
     def _restore_step_unpaused(self, step: int, state: Any, strict: bool) -> Any:
         m = self._manifest(step)
         where = f"{self.directory}/manifests/{manifest_name(step)}"
-        describe = _describer(_array_paths(m))
+        describe = _describer(m)
 
         if state is None:
             arrays = read_arrays(self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where)
@@ -660,9 +660,8 @@ class CheckpointManager:
             except CorruptCheckpointError as exc:
                 problems.append(f"step {s}: {exc}")
                 continue
-            paths = _array_paths(m)
             where = f"{self.directory}/manifests/{manifest_name(s)}"
-            found = verify_manifest(self._storage, m, self._pool, _describer(paths), where)
+            found = verify_manifest(self._storage, m, self._pool, _describer(m), where)
             if found and not self._storage_has(s):  # deleted by its writer's retention meanwhile
                 if step is None:
                     continue
@@ -684,8 +683,16 @@ class CheckpointManager:
         return verified
 
 
-def _describer(paths: dict[int, str]) -> Callable[[int], str]:
-    return lambda i: f"array {paths.get(i, str(i))}"
+def _describer(m: Manifest) -> Callable[[int], str]:
+    """Array index -> "array <path>", for messages; the paths are computed on first use."""
+    paths: dict[int, str] = {}
+
+    def describe(i: int) -> str:
+        if not paths:
+            paths.update(_array_paths(m))
+        return f"array {paths.get(i, str(i))}"
+
+    return describe
 
 
 def _array_paths(m: Manifest) -> dict[int, str]:

@@ -14,11 +14,13 @@ names, and every size and offset is checked against the data it points into.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import xxhash
 
@@ -26,8 +28,11 @@ from ._dtypes import dtype_from_name
 from ._errors import CorruptCheckpointError
 
 __all__ = [
+    "CODEC_NONE",
+    "CODEC_ZSTD",
     "FORMAT_VERSION",
     "ArrayEntry",
+    "ArrayTable",
     "Manifest",
     "Segment",
     "checksum",
@@ -41,6 +46,7 @@ FORMAT_VERSION = 1
 HASH_NAME = "xxh3-128"
 MAX_DEPTH = 400
 MAX_ARRAY_BYTES = 1 << 50
+MAX_INT = 1 << 62
 
 _PREFIX_RE = re.compile(rb'\A\{"format":"pitstop/(\d+)","checksum":"([0-9a-f]{32})","manifest":')
 _NAME_RE = re.compile(r"\A(\d{20})\.json\Z")
@@ -65,28 +71,155 @@ def step_of_manifest_name(name: str) -> int | None:
 
 
 class Segment(NamedTuple):
-    """``length`` bytes at ``offset`` in object ``object``, whose xxh3-128 is ``checksum``.
+    """``stored`` bytes at ``offset`` in object ``object``, holding ``length`` array bytes.
 
-    A NamedTuple: tens of thousands are built per checkpoint, and it serialises to the
-    manifest's ``[object, offset, length, checksum]`` list as it is.
+    ``codec`` 0: the bytes are stored as they are (``stored == length``); ``codec`` 1: they
+    are one zstandard frame that decompresses to ``length`` bytes. ``checksum`` is the
+    xxh3-128 of the ``length`` array bytes (after decompression).
     """
 
     object: str
     offset: int
     length: int
     checksum: str
+    stored: int
+    codec: int = 0
 
 
-class ArrayEntry(NamedTuple):
-    """One stored array: little-endian C-order bytes, the concatenation of its segments."""
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+CODECS = (CODEC_NONE, CODEC_ZSTD)
 
-    dtype: str
-    shape: tuple[int, ...]
-    segments: tuple[Segment, ...]
+
+class ArrayEntry:
+    """One stored array: little-endian C-order bytes, the concatenation of its segments.
+
+    Entries read from a manifest are views of its :class:`ArrayTable`: ``segments`` is
+    built only when asked for.
+    """
+
+    __slots__ = ("_index", "_segments", "_table", "dtype", "shape")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], segments: Sequence[Segment] | None = None) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self._segments = tuple(segments) if segments is not None else None
+        self._table: ArrayTable | None = None
+        self._index = 0
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        if self._segments is None:
+            assert self._table is not None
+            self._segments = tuple(self._table.segments(self._index))
+        return self._segments
 
     @property
     def nbytes(self) -> int:
+        if self._table is not None:
+            return self._table.nbytes[self._index]
         return sum(s.length for s in self.segments)
+
+    def __repr__(self) -> str:
+        return f"ArrayEntry(dtype={self.dtype!r}, shape={self.shape!r}, segments={self.segments!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ArrayEntry):
+            return NotImplemented
+        return (self.dtype, self.shape, self.segments) == (other.dtype, other.shape, other.segments)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ArrayTable(Sequence[ArrayEntry]):
+    """Every array of a checkpoint as parallel columns (the manifest's own layout).
+
+    One Python list per column instead of one object per array and segment: building,
+    encoding, decoding and deduplicating 100,000 arrays stays a handful of C-level list
+    operations. ``table[i]`` still gives an :class:`ArrayEntry` (built on demand) for code
+    that looks at one array at a time.
+
+    Array ``i`` owns segments ``starts[i]`` up to ``starts[i + 1]`` of the segment columns.
+    """
+
+    __slots__ = ("checksums", "codecs", "dtypes", "lengths", "nbytes", "objects", "offsets", "shapes", "starts",
+                 "stored")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        dtypes: list[str],
+        shapes: list[tuple[int, ...]],
+        nbytes: list[int],
+        starts: list[int],
+        objects: list[str],
+        offsets: list[int],
+        lengths: list[int],
+        checksums: list[str],
+        stored: list[int],
+        codecs: list[int],
+    ) -> None:
+        self.dtypes = dtypes
+        self.shapes = shapes
+        self.nbytes = nbytes
+        self.starts = starts
+        self.objects = objects
+        self.offsets = offsets
+        self.lengths = lengths
+        self.checksums = checksums
+        self.stored = stored
+        self.codecs = codecs
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[ArrayEntry]) -> ArrayTable:
+        """A table of ``entries`` (convenient for tests and small tools; not a hot path)."""
+        segs = [s for e in entries for s in e.segments]
+        starts = [0]
+        for e in entries:
+            starts.append(starts[-1] + len(e.segments))
+        return cls(
+            dtypes=[e.dtype for e in entries],
+            shapes=[tuple(e.shape) for e in entries],
+            nbytes=[e.nbytes for e in entries],
+            starts=starts,
+            objects=[s.object for s in segs],
+            offsets=[s.offset for s in segs],
+            lengths=[s.length for s in segs],
+            checksums=[s.checksum for s in segs],
+            stored=[s.stored for s in segs],
+            codecs=[s.codec for s in segs],
+        )
+
+    def __len__(self) -> int:
+        return len(self.dtypes)
+
+    @overload
+    def __getitem__(self, i: int) -> ArrayEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ArrayEntry]: ...
+    def __getitem__(self, i: int | slice) -> ArrayEntry | list[ArrayEntry]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self.dtypes):
+            raise IndexError(f"array index {i} out of range")
+        e = ArrayEntry(self.dtypes[i], self.shapes[i])
+        e._table, e._index = self, i
+        return e
+
+    def segments(self, i: int) -> list[Segment]:
+        """The segments of array ``i``, in order."""
+        return [self.segment(j) for j in range(self.starts[i], self.starts[i + 1])]
+
+    def segment(self, j: int) -> Segment:
+        """Segment ``j`` of the segment columns."""
+        return Segment(self.objects[j], self.offsets[j], self.lengths[j], self.checksums[j], self.stored[j],
+                       self.codecs[j])  # fmt: skip
+
+    @property
+    def segment_count(self) -> int:
+        return len(self.checksums)
 
 
 @dataclass
@@ -96,7 +229,7 @@ class Manifest:
     step: int
     time: float
     tree: dict[str, Any]
-    arrays: list[ArrayEntry]
+    arrays: ArrayTable
     objects: dict[str, int]
     rng: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -106,7 +239,7 @@ class Manifest:
     @property
     def nbytes(self) -> int:
         """Bytes of array data the checkpoint holds (before deduplication)."""
-        return sum(a.nbytes for a in self.arrays)
+        return sum(self.arrays.nbytes)
 
 
 def _metric_out(v: float) -> float | str:
@@ -115,6 +248,9 @@ def _metric_out(v: float) -> float | str:
 
 def encode_manifest(m: Manifest) -> bytes:
     """Serialise ``m`` into the checksummed envelope (deterministic for equal input)."""
+    names = sorted(m.objects)
+    index = {n: i for i, n in enumerate(names)}
+    t = m.arrays
     body = {
         "format_version": FORMAT_VERSION,
         "hash": HASH_NAME,
@@ -122,15 +258,20 @@ def encode_manifest(m: Manifest) -> bytes:
         "time": m.time,
         "tree": m.tree,
         "rng": m.rng,
-        "arrays": [
-            {
-                "dtype": a.dtype,
-                "shape": list(a.shape),
-                "segments": a.segments,
-            }
-            for a in m.arrays
-        ],
-        "objects": m.objects,
+        "arrays": {
+            "dtype": t.dtypes,
+            "shape": t.shapes,
+            "segments": [b - a for a, b in itertools.pairwise(t.starts)],
+        },
+        "segments": {
+            "object": [index[o] for o in t.objects],
+            "offset": t.offsets,
+            "length": t.lengths,
+            "checksum": t.checksums,
+            "stored": t.stored,
+            "codec": t.codecs,
+        },
+        "objects": {"name": names, "size": [m.objects[n] for n in names]},
         "metrics": {k: _metric_out(v) for k, v in m.metrics.items()},
         "metadata": m.metadata,
         "versions": m.versions,
@@ -223,52 +364,115 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
 
 
 _ARRAY_KEYS = frozenset({"dtype", "shape", "segments"})
+_SEGMENT_KEYS = frozenset({"object", "offset", "length", "checksum", "stored", "codec"})
+_OBJECT_KEYS = frozenset({"name", "size"})
+_HEX_CHARS_RE = re.compile(r"\A[0-9a-f]*\Z")
 
 
-def _parse_array(raw: Any, i: int, objects: dict[str, int]) -> ArrayEntry:
-    # the hot loop of reading a manifest (once per array): plain type checks, no regex;
-    # object names were validated once when "objects" was read
-    if type(raw) is not dict or raw.keys() != _ARRAY_KEYS:
-        raise _InvalidError(f"arrays[{i}] must be an object with keys dtype, shape, segments")
-    dtype = dtype_from_name(raw["dtype"])
-    if dtype is None:
-        raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(raw['dtype'])}")
-    shape_raw = raw["shape"]
-    if type(shape_raw) is not list or len(shape_raw) > 64:
-        raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
-    count = 1
-    for d in shape_raw:
-        if type(d) is not int or d < 0 or d > MAX_ARRAY_BYTES:
-            raise _InvalidError(f"arrays[{i}] has invalid dimension {_short(d)}")
-        count *= d
-    nbytes = count * dtype.itemsize
-    if nbytes > MAX_ARRAY_BYTES:
-        raise _InvalidError(f"arrays[{i}] claims {nbytes} bytes")
-    segs_raw = raw["segments"]
-    if type(segs_raw) is not list:
-        raise _InvalidError(f"arrays[{i}].segments must be a list")
-    segments = []
-    total = 0
-    for j, seg in enumerate(segs_raw):
-        if type(seg) is not list or len(seg) != 4:
-            raise _InvalidError(f"arrays[{i}].segments[{j}] must be [object, offset, length, checksum]")
-        obj, off, length, digest = seg
-        size = objects.get(obj) if type(obj) is str else None
-        if size is None:
-            raise _InvalidError(f"arrays[{i}].segments[{j}] names an unlisted or invalid object {_short(obj)}")
-        if type(off) is not int or type(length) is not int or off < 0 or length < 1:
-            raise _InvalidError(f"arrays[{i}].segments[{j}] has an invalid offset or length")
-        if off + length > size:
+def _table(v: Any, what: str, keys: frozenset[str]) -> tuple[dict[str, list[Any]], int]:
+    """A columnar table: an object with exactly ``keys``, each a list, all of one length."""
+    t = _dict(v, what)
+    if t.keys() != keys:
+        raise _InvalidError(f"{what} must have exactly the keys {', '.join(sorted(keys))}, got {sorted(t)}")
+    lengths = {len(_list(t[k], f"{what}.{k}")) for k in keys}
+    if len(lengths) != 1:
+        raise _InvalidError(f"the columns of {what} differ in length")
+    return t, lengths.pop()
+
+
+def _int_column(col: list[Any], what: str, lo: int, hi: int) -> list[int]:
+    # one C-level pass each: type check (bool is not an integer), then the bounds
+    if not all(type(x) is int for x in col):
+        bad = next(x for x in col if type(x) is not int)
+        raise _InvalidError(f"{what} must hold integers, got {_short(bad)}")
+    if col and (min(col) < lo or max(col) > hi):
+        bad = next(x for x in col if not lo <= x <= hi)
+        raise _InvalidError(f"{what} must be integers in [{lo}, {hi}], got {_short(bad)}")
+    return col
+
+
+def _hex_column(col: list[Any], what: str) -> list[str]:
+    if not all(type(x) is str and len(x) == 32 for x in col) or not _HEX_CHARS_RE.match("".join(col)):
+        bad = next(x for x in col if type(x) is not str or not _HEX_RE.match(x))
+        raise _InvalidError(f"{what} must hold 32 lowercase hex digits, got {_short(bad)}")
+    return col
+
+
+def _parse_objects(v: Any) -> dict[str, int]:
+    t, _ = _table(v, "objects", _OBJECT_KEYS)
+    names = _hex_column(t["name"], "objects.name")
+    sizes = _int_column(t["size"], "objects.size", 0, MAX_ARRAY_BYTES)
+    if any(a >= b for a, b in itertools.pairwise(names)):
+        raise _InvalidError("objects.name must be sorted and without repeats")
+    return dict(zip(names, sizes, strict=True))
+
+
+_dtype_cache: dict[str, int] = {}
+
+
+def _parse_arrays(arrays: Any, segments: Any, objects: dict[str, int]) -> ArrayTable:
+    at, _ = _table(arrays, "arrays", _ARRAY_KEYS)
+    st, count = _table(segments, "segments", _SEGMENT_KEYS)
+    counts = _int_column(at["segments"], "arrays.segments", 0, count)
+    if sum(counts) != count:
+        raise _InvalidError(f"arrays.segments add up to {sum(counts)}, but there are {count} segments")
+    names = list(objects)
+    sizes = list(objects.values())
+    obj_idx = _int_column(st["object"], "segments.object", 0, len(names) - 1)
+    offsets = _int_column(st["offset"], "segments.offset", 0, MAX_INT)
+    lengths = _int_column(st["length"], "segments.length", 1, MAX_ARRAY_BYTES)
+    stored = _int_column(st["stored"], "segments.stored", 1, MAX_ARRAY_BYTES)
+    codecs = _int_column(st["codec"], "segments.codec", 0, len(CODECS) - 1)
+    checksums = _hex_column(st["checksum"], "segments.checksum")
+    for j, (o, off, sz, ln, cd) in enumerate(zip(obj_idx, offsets, stored, lengths, codecs, strict=True)):
+        if off + sz > sizes[o]:
             raise _InvalidError(
-                f"arrays[{i}].segments[{j}] reads bytes {off}..{off + length} of object {obj}, which has {size} bytes"
+                f"segment {j} reads bytes {off}..{off + sz} of object {names[o]}, which has {sizes[o]} bytes"
             )
-        if type(digest) is not str or len(digest) != 32 or not _HEX_RE.match(digest):
-            raise _InvalidError(f"arrays[{i}].segments[{j}] has an invalid checksum")
-        segments.append(Segment(obj, off, length, digest))
-        total += length
-    if total != nbytes:
-        raise _InvalidError(f"arrays[{i}] ({raw['dtype']}{shape_raw}) needs {nbytes} bytes, segments hold {total}")
-    return ArrayEntry(raw["dtype"], tuple(shape_raw), tuple(segments))
+        if cd == CODEC_NONE and sz != ln:
+            raise _InvalidError(f"segment {j} is stored uncompressed but stored ({sz}) differs from length ({ln})")
+    dtypes = at["dtype"]
+    shapes: list[tuple[int, ...]] = []
+    nbytes: list[int] = []
+    starts = [0]
+    pos = 0
+    for i, (name, shape_raw, c) in enumerate(zip(dtypes, at["shape"], counts, strict=True)):
+        itemsize = _dtype_cache.get(name) if type(name) is str else None
+        if itemsize is None:
+            dtype = dtype_from_name(name) if type(name) is str else None
+            if dtype is None:
+                raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(name)}")
+            itemsize = _dtype_cache[name] = dtype.itemsize
+        if type(shape_raw) is not list or len(shape_raw) > 64:
+            raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
+        size = 1
+        for d in shape_raw:
+            if type(d) is not int or d < 0 or d > MAX_ARRAY_BYTES:
+                raise _InvalidError(f"arrays[{i}] has invalid dimension {_short(d)}")
+            size *= d
+        size *= itemsize
+        if size > MAX_ARRAY_BYTES:
+            raise _InvalidError(f"arrays[{i}] claims {size} bytes")
+        end = pos + c
+        total = lengths[pos] if c == 1 else sum(lengths[pos:end])
+        if total != size:
+            raise _InvalidError(f"arrays[{i}] ({name}{shape_raw}) needs {size} bytes, its segments hold {total}")
+        shapes.append(tuple(shape_raw))
+        nbytes.append(size)
+        pos = end
+        starts.append(pos)
+    return ArrayTable(
+        dtypes=dtypes,
+        shapes=shapes,
+        nbytes=nbytes,
+        starts=starts,
+        objects=[names[o] for o in obj_idx],
+        offsets=offsets,
+        lengths=lengths,
+        checksums=checksums,
+        stored=stored,
+        codecs=codecs,
+    )
 
 
 def _metric_in(k: Any, v: Any) -> float:
@@ -314,7 +518,7 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         except (ValueError, UnicodeDecodeError) as exc:
             raise _InvalidError(f"invalid JSON: {exc}") from None
         body = _dict(body, "manifest")
-        expected = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "objects",
+        expected = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "segments", "objects",
                     "metrics", "metadata", "versions"}  # fmt: skip
         if set(body) != expected:
             raise _InvalidError(f"manifest keys {sorted(body)} differ from {sorted(expected)}")
@@ -325,12 +529,8 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
             raise _InvalidError(f"manifest says step {got_step} but its file name says {step}")
         if type(body["time"]) not in (int, float):
             raise _InvalidError("time must be a number")
-        objects: dict[str, int] = {}
-        for name, size in _dict(body["objects"], "objects").items():
-            if not _HEX_RE.match(name):
-                raise _InvalidError(f"invalid object name {_short(name)}")
-            objects[name] = _int(size, f"size of object {name}", 0, MAX_ARRAY_BYTES)
-        arrays = [_parse_array(a, i, objects) for i, a in enumerate(_list(body["arrays"], "arrays"))]
+        objects = _parse_objects(body["objects"])
+        arrays = _parse_arrays(body["arrays"], body["segments"], objects)
         seen: set[int] = set()
         _check_node(body["tree"], len(arrays), seen, 0)
         if body["rng"] is not None:
