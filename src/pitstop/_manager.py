@@ -48,7 +48,7 @@ from ._tree import (
     rename_hints,
     run_restore_hooks,
 )
-from ._writer import DedupIndex, SaveStats, write_checkpoint
+from ._writer import Compression, DedupIndex, SaveStats, write_checkpoint
 
 __all__ = ["CheckpointManager", "CorruptCheckpointWarning", "GcReport", "PartialRestoreWarning", "RestoreReport"]
 
@@ -153,6 +153,15 @@ class CheckpointManager:
             with each checkpoint, and restore them on in-place restores.
         storage_options: Passed to fsspec for URLs (``endpoint_url``, ``key``, ...).
         io_threads: Threads for parallel reads and writes (default: sized to the machine).
+        compression: ``"zstd"`` to store array data zstandard-compressed where that saves
+            at least 1/8 of a piece (incompressible data is detected on a sample and
+            stored as is); ``None`` (default) stores raw bytes. ``save(compression=...)``
+            overrides it for one save.
+        compression_level: zstd level, 1 (fastest) to 22 (smallest); default 3.
+        max_snapshot_bytes: With ``async_save``, the most host memory the snapshot of a
+            state may take. A save whose arrays hold more is written synchronously
+            instead (``save()`` blocks until it is committed, and allocates nothing).
+            ``None``: no bound. Snapshot buffers are reused from one save to the next.
 
     Example:
         >>> import numpy as np, pitstop, tempfile
@@ -181,6 +190,9 @@ class CheckpointManager:
         capture_rng: bool = True,
         storage_options: dict[str, Any] | None = None,
         io_threads: int | None = None,
+        compression: Literal["zstd"] | None = None,
+        compression_level: int = 3,
+        max_snapshot_bytes: int | None = None,
     ) -> None:
         rules: list[RetentionRule] = [KeepLatest(n=max_to_keep)]
         self._best: KeepBest | None = None
@@ -202,6 +214,11 @@ class CheckpointManager:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
         if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
             raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
+        if max_snapshot_bytes is not None and (type(max_snapshot_bytes) is not int or max_snapshot_bytes < 0):
+            raise ValueError(f"max_snapshot_bytes must be an int >= 0 or None, got {max_snapshot_bytes!r}")
+        self._compression = _compression_option(compression, compression_level)
+        self._compression_level = compression_level
+        self._max_snapshot = max_snapshot_bytes
         self._rules = rules
         self._interval = save_interval_steps
         self._capture_rng = bool(capture_rng)
@@ -216,6 +233,7 @@ class CheckpointManager:
         self._buffers: list[np.ndarray[Any, Any]] = []
         self._closed = False
         self.last_save_stats: SaveStats | None = None
+        self.last_save_blocked = False
         self.last_restore_report: RestoreReport | None = None
 
     # -- context manager --------------------------------------------------------------
@@ -314,6 +332,7 @@ class CheckpointManager:
         metrics: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         force: bool = False,
+        compression: Literal["zstd", "none"] | None = None,
     ) -> bool:
         """Save ``state`` as checkpoint ``step``.
 
@@ -327,6 +346,8 @@ class CheckpointManager:
             metrics: Numbers used for ``keep_best`` and shown by ``pitstop ls``.
             metadata: Any JSON dict stored with the checkpoint.
             force: Save even when ``step`` is off ``save_interval_steps``.
+            compression: ``"zstd"`` or ``"none"`` for this save; ``None`` uses the
+                manager's ``compression``.
 
         Returns:
             True if a checkpoint was started, False when skipped by the interval.
@@ -346,6 +367,10 @@ class CheckpointManager:
             return False
         clean_metrics = _clean_metrics(metrics)
         clean_metadata = _clean_metadata(metadata)
+        if compression is None:
+            codec = self._compression
+        else:
+            codec = _compression_option(None if compression == "none" else compression, self._compression_level)
         self._acquire()
         if self._storage_has(step):
             raise CheckpointExistsError(
@@ -357,12 +382,19 @@ class CheckpointManager:
         with paused_gc():
             rng = _capture_rng() if self._capture_rng else None
             flat = flatten_state(state, rng)
-            if self._writer is not None:
+            background = self._writer is not None
+            bound = self._max_snapshot
+            if background and bound is not None and sum(a.nbytes for a in flat.arrays) > bound:
+                background = False  # block instead of allocating past the bound
+                self._buffers = []  # and hold no snapshot memory meanwhile
+            if background:
                 flat = self._snapshot(flat)
-        if self._writer is not None:
-            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata))
+        self.last_save_blocked = not background
+        if background:
+            assert self._writer is not None
+            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata, codec))
         else:
-            self._write(step, flat, clean_metrics, clean_metadata)
+            self._write(step, flat, clean_metrics, clean_metadata, codec)
         return True
 
     def _storage_has(self, step: int) -> bool:
@@ -380,11 +412,25 @@ class CheckpointManager:
         self._buffers = out
         return FlatState(flat.tree, flat.rng, out, flat.paths)
 
-    def _write(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+    def _write(
+        self,
+        step: int,
+        flat: FlatState,
+        metrics: dict[str, float],
+        metadata: dict[str, Any],
+        codec: Compression | None = None,
+    ) -> None:
         with paused_gc():
-            self._write_unpaused(step, flat, metrics, metadata)
+            self._write_unpaused(step, flat, metrics, metadata, codec)
 
-    def _write_unpaused(self, step: int, flat: FlatState, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+    def _write_unpaused(
+        self,
+        step: int,
+        flat: FlatState,
+        metrics: dict[str, float],
+        metadata: dict[str, Any],
+        codec: Compression | None = None,
+    ) -> None:
         if self._index is None:
             records, _ = self._records()
             ms = []
@@ -396,7 +442,14 @@ class CheckpointManager:
             self._index = DedupIndex.from_manifests(ms)
         try:
             manifest, stats = write_checkpoint(
-                self._storage, self._pool, step=step, flat=flat, metrics=metrics, metadata=metadata, index=self._index
+                self._storage,
+                self._pool,
+                step=step,
+                flat=flat,
+                metrics=metrics,
+                metadata=metadata,
+                index=self._index,
+                compression=codec,
             )
         except FileExistsError:
             raise CheckpointExistsError(
@@ -504,7 +557,9 @@ class CheckpointManager:
             self._pool.shutdown(wait=True)
 
     # -- restoring --------------------------------------------------------------------
-    def restore(self, state: Any = None, *, step: int | None = None, strict: bool = True) -> tuple[int, Any]:
+    def restore(
+        self, state: Any = None, *, step: int | None = None, strict: bool = True, mmap: bool = False
+    ) -> tuple[int, Any]:
         """Restore a checkpoint, in place into ``state`` or as a new tree.
 
         Args:
@@ -515,6 +570,11 @@ class CheckpointManager:
             strict: Raise :class:`StateMismatchError` when the checkpoint and ``state``
                 differ; with ``False`` restore the matching entries and report the rest
                 (``last_restore_report`` and a :class:`PartialRestoreWarning`).
+            mmap: With ``state=None`` on a local directory: return arrays as read-only
+                views of the memory-mapped data files instead of copies (no allocation,
+                pages shared with the OS cache). Every segment's checksum is verified
+                before ``restore`` returns (that pass reads the pages once). Arrays
+                stored in several chunks (over 64 MiB) or compressed are read as usual.
 
         Returns:
             ``(step, tree)``: the step restored and the restored state.
@@ -525,9 +585,11 @@ class CheckpointManager:
             StateMismatchError: ``strict`` and the structures differ (nothing was modified).
         """
         self._check_open()
+        if mmap and state is not None:
+            raise ValueError("mmap=True builds a new tree of read-only arrays: call restore(state=None, mmap=True)")
         self.wait_until_finished()
         if step is not None:
-            return int(step), self._restore_known_step(int(step), state, strict)
+            return int(step), self._restore_known_step(int(step), state, strict, mmap)
         problems: list[str] = []
         tried: set[int] = set()
         for _ in range(_MAX_RELISTS):
@@ -538,7 +600,7 @@ class CheckpointManager:
             s = candidates[-1]
             tried.add(s)
             try:
-                return s, self._restore_step(s, state, strict)
+                return s, self._restore_step(s, state, strict, mmap)
             except CheckpointNotFoundError:
                 continue  # deleted by the writer while we looked
             except CorruptCheckpointError as exc:
@@ -571,9 +633,9 @@ class CheckpointManager:
             return 0
         return self.restore(state, strict=strict)[0]
 
-    def _restore_known_step(self, step: int, state: Any, strict: bool) -> Any:
+    def _restore_known_step(self, step: int, state: Any, strict: bool, mmap: bool = False) -> Any:
         try:
-            return self._restore_step(step, state, strict)
+            return self._restore_step(step, state, strict, mmap)
         except CorruptCheckpointError:
             if self._storage_has(step):
                 raise
@@ -584,17 +646,19 @@ class CheckpointManager:
                 step=step,
             ) from None
 
-    def _restore_step(self, step: int, state: Any, strict: bool) -> Any:
+    def _restore_step(self, step: int, state: Any, strict: bool, mmap: bool = False) -> Any:
         with paused_gc():
-            return self._restore_step_unpaused(step, state, strict)
+            return self._restore_step_unpaused(step, state, strict, mmap)
 
-    def _restore_step_unpaused(self, step: int, state: Any, strict: bool) -> Any:
+    def _restore_step_unpaused(self, step: int, state: Any, strict: bool, mmap: bool) -> Any:
         m = self._manifest(step)
         where = f"{self.directory}/manifests/{manifest_name(step)}"
         describe = _describer(m)
 
         if state is None:
-            arrays = read_arrays(self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where)
+            arrays = read_arrays(
+                self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where, mmap=mmap
+            )
             self.last_restore_report = RestoreReport(step, restored=["<all>"])
             return build_tree(m.tree, arrays)
         run_restore_hooks(state)
@@ -681,6 +745,18 @@ class CheckpointManager:
                 problems=problems,
             )
         return verified
+
+
+def _compression_option(name: str | None, level: int) -> Compression | None:
+    if name is None:
+        return None
+    if name != "zstd":
+        raise ValueError(f"compression must be 'zstd' or None, got {name!r}")
+    try:
+        import zstandard  # noqa: F401  (checked here, so a missing extra fails at once)
+    except ImportError:
+        raise ValueError("compression='zstd' needs the zstandard package: pip install 'pitstop[zstd]'") from None
+    return Compression(level=level)
 
 
 def _describer(m: Manifest) -> Callable[[int], str]:

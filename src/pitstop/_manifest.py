@@ -38,6 +38,7 @@ __all__ = [
     "checksum",
     "decode_manifest",
     "encode_manifest",
+    "encode_node",
     "manifest_name",
     "step_of_manifest_name",
 ]
@@ -246,12 +247,26 @@ def _metric_out(v: float) -> float | str:
     return v if math.isfinite(v) else repr(v)  # 'nan', 'inf', '-inf'
 
 
-def encode_manifest(m: Manifest) -> bytes:
-    """Serialise ``m`` into the checksummed envelope (deterministic for equal input)."""
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def encode_node(node: Any) -> str:
+    """The canonical JSON of a tree node (what :func:`encode_manifest` writes for it)."""
+    return _dumps(node)
+
+
+def encode_manifest(m: Manifest, *, tree_json: str | None = None) -> bytes:
+    """Serialise ``m`` into the checksummed envelope (deterministic for equal input).
+
+    Args:
+        tree_json: ``encode_node(m.tree)`` when the caller computed it already (a writer
+            does so while its data is still being written).
+    """
     names = sorted(m.objects)
     index = {n: i for i, n in enumerate(names)}
     t = m.arrays
-    body = {
+    body: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "hash": HASH_NAME,
         "step": m.step,
@@ -276,7 +291,11 @@ def encode_manifest(m: Manifest) -> bytes:
         "metadata": m.metadata,
         "versions": m.versions,
     }
-    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    # the same bytes as json.dumps(body, sort_keys=True, ...), one field at a time
+    parts = [
+        f"{_dumps(k)}:{tree_json if k == 'tree' and tree_json is not None else _dumps(body[k])}" for k in sorted(body)
+    ]
+    raw = ("{" + ",".join(parts) + "}").encode()
     head = f'{{"format":"pitstop/{FORMAT_VERSION}","checksum":"{checksum(raw)}","manifest":'
     return head.encode() + raw + b"}\n"
 

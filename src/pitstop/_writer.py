@@ -34,7 +34,17 @@ import numpy as np
 import xxhash
 
 from ._dtypes import dtype_name
-from ._manifest import CODEC_NONE, CODEC_ZSTD, ArrayTable, Manifest, Segment, checksum, encode_manifest, manifest_name
+from ._manifest import (
+    CODEC_NONE,
+    CODEC_ZSTD,
+    ArrayTable,
+    Manifest,
+    Segment,
+    checksum,
+    encode_manifest,
+    encode_node,
+    manifest_name,
+)
 from ._storage import Storage
 from ._tree import FlatState
 
@@ -42,7 +52,7 @@ __all__ = ["Compression", "DedupIndex", "SaveStats", "write_checkpoint"]
 
 SMALL_BYTES = 1 << 20
 CHUNK_BYTES = 64 << 20
-PACK_BYTES = 64 << 20
+PACK_BYTES = 8 << 20  # small enough that the first packs are on disk while later ones fill
 ALIGN = 64
 _ZEROS = memoryview(bytes(ALIGN))
 
@@ -107,7 +117,8 @@ def compress_piece(view: memoryview, opt: Compression) -> bytes | None:
 class DedupIndex:
     """Where bytes already stored by retained checkpoints live, by checksum."""
 
-    pieces: dict[str, Segment] = field(default_factory=dict)
+    #: checksum -> (object, offset, length, checksum, stored, codec): a Segment's fields
+    pieces: dict[str, tuple[str, int, int, str, int, int]] = field(default_factory=dict)
     objects: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -120,9 +131,10 @@ class DedupIndex:
     def add(self, m: Manifest) -> None:
         self.objects.update(m.objects)
         t = m.arrays
-        setdefault = self.pieces.setdefault
-        for seg in zip(t.objects, t.offsets, t.lengths, t.checksums, t.stored, t.codecs, strict=True):
-            setdefault(seg[3], Segment(*seg))
+        rows = zip(t.objects, t.offsets, t.lengths, t.checksums, t.stored, t.codecs, strict=True)
+        new = dict(zip(t.checksums, rows, strict=True))  # C-level: no Python call per segment
+        new.update(self.pieces)  # entries already known win
+        self.pieces = new
 
 
 @dataclass
@@ -147,33 +159,40 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _pack_task(storage: Storage, digests: list[str], views: list[memoryview], opt: Compression | None) -> list[Segment]:
-    """Write one pack of small pieces; return each piece's segment (in order)."""
-    buffers: list[memoryview | bytes] = []
-    segs: list[Segment] = []
+def _write_pack(storage: Storage, buffers: list[memoryview], name: str | None = None) -> tuple[str, int]:
+    """Write one pack (its pieces and zero padding, laid out by the caller); name and size.
+
+    ``name`` is the pack's checksum when the caller already hashed it (the writer does,
+    piece by piece, while laying the pack out: hashing thousands of small buffers here
+    would make this thread and the caller's take turns for the GIL thousands of times).
+    """
+    if name is None:
+        h = xxhash.xxh3_128()
+        for buf in buffers:
+            h.update(buf)
+        name = h.hexdigest()
+    return name, storage.write_object(name, buffers)
+
+
+def _compress_pack(
+    storage: Storage, views: list[memoryview], opt: Compression
+) -> tuple[str, int, list[tuple[int, int, int]]]:
+    """Compress where it pays, lay out and write one pack; each piece's (offset, stored, codec)."""
+    buffers: list[memoryview] = []
+    placed: list[tuple[int, int, int]] = []
     pos = 0
-    for digest, v in zip(digests, views, strict=True):
-        n = v.nbytes
-        frame = compress_piece(v, opt) if opt is not None else None
-        if frame is None:
-            buffers.append(v)
-            segs.append(Segment("", pos, n, digest, n, CODEC_NONE))
-            stored = n
-        else:
-            buffers.append(frame)
-            stored = len(frame)
-            segs.append(Segment("", pos, n, digest, stored, CODEC_ZSTD))
-        pos += stored
+    for v in views:
+        frame = compress_piece(v, opt)
+        buf = v if frame is None else memoryview(frame)
+        placed.append((pos, buf.nbytes, CODEC_NONE if frame is None else CODEC_ZSTD))
+        buffers.append(buf)
+        pos += buf.nbytes
         pad = -pos % ALIGN
         if pad:
             buffers.append(_ZEROS[:pad])
             pos += pad
-    h = xxhash.xxh3_128()
-    for b in buffers:
-        h.update(b)
-    name = h.hexdigest()
-    storage.write_object(name, [memoryview(b) for b in buffers])
-    return [s._replace(object=name) for s in segs]
+    name, size = _write_pack(storage, buffers)
+    return name, size, placed
 
 
 def _chunk_task(storage: Storage, digest: str, view: memoryview, opt: Compression | None) -> Segment:
@@ -185,22 +204,6 @@ def _chunk_task(storage: Storage, digest: str, view: memoryview, opt: Compressio
     name = checksum(frame)  # objects are named by their content: here, the frame
     storage.write_object(name, [memoryview(frame)])
     return Segment(name, 0, view.nbytes, digest, len(frame), CODEC_ZSTD)
-
-
-_CASTABLE: dict[np.dtype[Any], bool] = {}
-
-
-def _u8(a: np.ndarray[Any, Any]) -> memoryview:
-    """The bytes of C-contiguous ``a`` as a flat ``B`` memoryview (no copy)."""
-    ok = _CASTABLE.get(a.dtype)
-    if ok is None:  # ML dtypes (bfloat16, int4, ...) cannot be exported as a typed buffer
-        try:
-            memoryview(np.zeros(1, a.dtype)).cast("B")  # type: ignore[arg-type]
-            ok = True
-        except (ValueError, TypeError, BufferError):
-            ok = False
-        _CASTABLE[a.dtype] = ok
-    return memoryview(a).cast("B") if ok else a.reshape(-1).view(np.uint8).data  # type: ignore[arg-type]
 
 
 def write_checkpoint(
@@ -226,110 +229,172 @@ def write_checkpoint(
     """
     t0 = time.perf_counter()
     stats = SaveStats()
-    # 1. cut into pieces; small pieces are hashed inline, large ones on the pool
-    small, chunk = SMALL_BYTES, CHUNK_BYTES
-    views: list[memoryview] = []
-    sums: list[str] = []
-    big: list[tuple[int, Future[str]]] = []
+    small, chunk, pack_limit = SMALL_BYTES, CHUNK_BYTES, PACK_BYTES
+    known, sizes = index.pieces, index.objects
+    present: dict[str, bool] = {}
+
+    def still_there(name: str) -> bool:
+        """Whether a stored object is still there, whole (checked once per save)."""
+        ok = present.get(name)
+        if ok is None:
+            ok = present[name] = storage.object_size(name) == sizes.get(name)
+        return ok
+
+    def big_task(view: memoryview) -> tuple[Segment, bool]:
+        digest = checksum(view)
+        old = known.get(digest)
+        if old is not None and still_there(old[0]):
+            return Segment(*old), False
+        return _chunk_task(storage, digest, view, compression), True
+
+    # One pass: hash each small piece, deduplicate it, lay it out in the current pack and
+    # hand full packs to the pool at once, so that the disk writes the first packs while
+    # later arrays are still hashed. The manifest's segment columns are built on the way;
+    # a new piece's object is first its pack's number, resolved once the pack is named.
+    # Large pieces are hashed, deduplicated and written by pool tasks of their own.
+    c_obj: list[Any] = []
+    c_off: list[int] = []
+    c_len: list[int] = []
+    c_sum: list[str] = []
+    c_st: list[int] = []
+    c_cd: list[int] = []
+    chunk_jobs: list[tuple[int, Future[tuple[Segment, bool]]]] = []
+    packs: list[Future[tuple[str, int]]] = []
+    zpacks: list[tuple[list[int], Future[tuple[str, int, list[tuple[int, int, int]]]]]] = []
+    twins: list[tuple[int, int]] = []  # (row, first row with the same bytes) within this save
     starts = [0]
     nbytes: list[int] = []
-    for a in flat.arrays:
-        n = a.nbytes
-        nbytes.append(n)
-        if n <= small:
+    first_row: dict[str, int] = {}
+    bufs: list[memoryview] = []  # the current pack: pieces and padding
+    rows: list[int] = []  # (with compression) the segment rows of the current pack
+    pos = 0
+    zeros = _ZEROS
+    hasher = xxhash.xxh3_128()  # of the current pack (without compression)
+    digest_of = xxhash.xxh3_128_hexdigest
+    compress = compression is not None
+    row = 0  # == len(c_off)
+
+    def close_pack() -> None:
+        nonlocal bufs, rows, pos, hasher
+        if compression is None:
+            packs.append(pool.submit(_write_pack, storage, bufs, hasher.hexdigest()))
+        else:
+            zpacks.append((rows, pool.submit(_compress_pack, storage, bufs, compression)))
+        bufs, rows, pos, hasher = [], [], 0, xxhash.xxh3_128()
+
+    try:
+        for a in flat.arrays:
+            n = a.nbytes
+            nbytes.append(n)
             if n:
-                v = _u8(a)
-                views.append(v)
-                sums.append(checksum(v))
-        else:
-            v = _u8(a)
-            for o in range(0, n, chunk):
-                piece = v[o : o + chunk]
-                big.append((len(views), pool.submit(checksum, piece)))
-                views.append(piece)
-                sums.append("")
-        starts.append(len(views))
-    stats.state_bytes = sum(nbytes)
-    wait([h for _, h in big])
-    for k, h in big:
-        sums[k] = h.result()
-
-    # 2. deduplicate against retained checkpoints and within this save
-    present: dict[str, bool] = {}
-    known = index.pieces
-    segments: list[Segment | None] = [None] * len(views)
-    new_chunks: dict[str, memoryview] = {}
-    new_small: dict[str, memoryview] = {}
-    for k, digest in enumerate(sums):
-        old = known.get(digest)
-        if old is not None:
-            ok = present.get(old.object)
-            if ok is None:
-                ok = present[old.object] = storage.object_size(old.object) == index.objects.get(old.object)
-            if ok:
-                segments[k] = old
-                continue
-        v = views[k]
-        if v.nbytes > small:
-            new_chunks.setdefault(digest, v)
-        else:
-            new_small.setdefault(digest, v)
-
-    # 3. write new objects in parallel
-    futures: list[Future[Segment]] = [
-        pool.submit(_chunk_task, storage, d, v, compression) for d, v in new_chunks.items()
-    ]
-    packs: list[Future[list[Segment]]] = []
-    batch: list[str] = []
-    batch_views: list[memoryview] = []
-    batch_bytes = 0
-    for digest, v in new_small.items():
-        batch.append(digest)
-        batch_views.append(v)
-        batch_bytes += v.nbytes + ALIGN
-        if batch_bytes >= PACK_BYTES:
-            packs.append(pool.submit(_pack_task, storage, batch, batch_views, compression))
-            batch, batch_views, batch_bytes = [], [], 0
-    if batch:
-        packs.append(pool.submit(_pack_task, storage, batch, batch_views, compression))
-    # every task must be finished before this function returns or raises: a task still
-    # writing after a failed save would race the next save and garbage collection
-    pending: list[Future[Any]] = [*futures, *packs]
-    wait(pending)
-    written: dict[str, Segment] = {}
+                try:
+                    v = memoryview(a).cast("B")  # type: ignore[arg-type]
+                except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
+                    v = a.reshape(-1).view(np.uint8).data
+                for piece in (v,) if n <= small else [v[o : o + chunk] for o in range(0, n, chunk)]:
+                    m = piece.nbytes
+                    if m > small:
+                        chunk_jobs.append((row, pool.submit(big_task, piece)))
+                        c_obj.append(None)  # placeholders: filled from the task's segment
+                        c_sum.append("")
+                        c_off.append(0)
+                        c_len.append(0)
+                        c_st.append(0)
+                        c_cd.append(0)
+                        row += 1
+                        continue
+                    digest = digest_of(piece)
+                    old = known.get(digest)
+                    if old is not None and still_there(old[0]):
+                        c_obj.append(old[0])
+                        c_off.append(old[1])
+                        c_st.append(old[4])
+                        c_cd.append(old[5])
+                    elif digest in first_row:
+                        k = first_row[digest]
+                        twins.append((row, k))
+                        c_obj.append(c_obj[k])
+                        c_off.append(c_off[k])
+                        c_st.append(m)
+                        c_cd.append(CODEC_NONE)
+                    else:
+                        first_row[digest] = row
+                        c_obj.append(len(packs) + len(zpacks))
+                        c_st.append(m)
+                        c_cd.append(CODEC_NONE)
+                        bufs.append(piece)
+                        if compress:  # offsets are known once the pack is compressed
+                            rows.append(row)
+                            c_off.append(0)
+                            pos += m + ALIGN
+                        else:
+                            c_off.append(pos)
+                            hasher.update(piece)
+                            pos += m
+                            pad = -pos % ALIGN
+                            if pad:
+                                bufs.append(zeros[:pad])
+                                hasher.update(zeros[:pad])
+                                pos += pad
+                        if pos >= pack_limit:
+                            close_pack()
+                    c_len.append(m)
+                    c_sum.append(digest)
+                    row += 1
+            starts.append(row)
+        if bufs:
+            close_pack()
+        stats.state_bytes = sum(nbytes)
+        # while the pool writes: the tree's JSON and the per-array columns
+        tree_json = encode_node(flat.tree)
+        names = {dt: dtype_name(dt) for dt in {a.dtype for a in flat.arrays}}
+        dtypes = [names[a.dtype] for a in flat.arrays]
+        shapes = [a.shape for a in flat.arrays]
+    finally:
+        # every task must be finished before this function returns or raises: a task still
+        # writing after a failed save would race the next save and garbage collection
+        running: list[Future[Any]] = [*packs, *(f for _, f in zpacks), *(f for _, f in chunk_jobs)]
+        wait(running)
     objects: dict[str, int] = {}
-    for fut in futures:
-        seg = fut.result()
-        written[seg.checksum] = seg
-        objects[seg.object] = seg.stored
+    pack_names: list[str] = []
     for p in packs:
-        segs = p.result()
-        last = segs[-1]
-        size = last.offset + last.stored
-        objects[last.object] = size + (-size % ALIGN)
-        for seg in segs:
-            written[seg.checksum] = seg
+        name, size = p.result()
+        pack_names.append(name)
+        objects[name] = size
+    for rows_of_pack, zp in zpacks:
+        name, size, placed = zp.result()
+        pack_names.append(name)
+        objects[name] = size
+        for k, (off, st, cd) in zip(rows_of_pack, placed, strict=True):
+            c_off[k], c_st[k], c_cd[k] = off, st, cd
+    for k, first in twins:
+        c_off[k], c_st[k], c_cd[k] = c_off[first], c_st[first], c_cd[first]
+    if pack_names:
+        c_obj = [pack_names[o] if type(o) is int else o for o in c_obj]
+    for k, fut in chunk_jobs:
+        seg, new = fut.result()
+        c_obj[k], c_off[k], c_len[k], c_sum[k], c_st[k], c_cd[k] = seg
+        if new:
+            objects[seg.object] = seg.stored
     stats.bytes_written = sum(objects.values())
     stats.objects_written = len(objects)
     if objects:
         storage.sync_objects()
 
-    # 4. the manifest: columns of every array's segments, every referenced object's size
-    final = [s if s is not None else written[d] for s, d in zip(segments, sums, strict=True)]
-    cols: list[Any] = [list(c) for c in zip(*final, strict=True)] if final else [[] for _ in range(6)]
-    for name in set(cols[0]) - objects.keys():
-        objects[name] = index.objects.get(name, 0) or _size_of(storage, name)
+    # the manifest: every referenced object's size, and the columns built above
+    for name in set(c_obj) - objects.keys():
+        objects[name] = sizes.get(name, 0) or _size_of(storage, name)
     table = ArrayTable(
-        dtypes=[dtype_name(a.dtype) for a in flat.arrays],
-        shapes=[a.shape for a in flat.arrays],
+        dtypes=dtypes,
+        shapes=shapes,
         nbytes=nbytes,
         starts=starts,
-        objects=cols[0],
-        offsets=cols[1],
-        lengths=cols[2],
-        checksums=cols[3],
-        stored=cols[4],
-        codecs=cols[5],
+        objects=c_obj,
+        offsets=c_off,
+        lengths=c_len,
+        checksums=c_sum,
+        stored=c_st,
+        codecs=c_cd,
     )
     manifest = Manifest(
         step=step,
@@ -342,7 +407,7 @@ def write_checkpoint(
         metadata=dict(metadata),
         versions=_versions(),
     )
-    storage.publish_manifest(manifest_name(step), encode_manifest(manifest))
+    storage.publish_manifest(manifest_name(step), encode_manifest(manifest, tree_json=tree_json))
     stats.seconds = time.perf_counter() - t0
     return manifest, stats
 
