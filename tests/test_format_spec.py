@@ -540,6 +540,30 @@ def test_default_sizes_large_array_is_its_own_object(tmp_path: Path) -> None:
     check_layout(root)
 
 
+def test_compressed_checkpoint_through_spec_reader(tmp_path: Path, small_sizes: dict[str, int]) -> None:
+    """§7/§8: zstd segments (codec 1) in packs and as chunk objects, beside raw ones."""
+    root = tmp_path / "ck"
+    rng = np.random.default_rng(5)
+    state = {**make_state(), "ids": np.arange(2000, dtype=np.int32) % 3, "zeros": np.zeros(60, np.float32),
+             "noise": rng.standard_normal(50)}  # fmt: skip
+    save(root, [(1, state)], capture_rng=False, compression="zstd")
+    tree, body = read_checkpoint(root, 1)
+    assert_same(tree, state)
+    codecs = {s[5] for a in arrays_of(body) for s in a["segments"]}
+    assert codecs == {0, 1}
+    objects = objects_of(body)
+    for a in arrays_of(body):
+        for obj, off, length, _digest, stored, codec in a["segments"]:
+            data = (root / "objects" / obj).read_bytes()
+            assert xxh3(data) == obj  # named by the stored content, compressed or not
+            if codec == 1:
+                assert stored < length * 7 / 8 + 1 and off % 64 == 0
+                frame = data[off : off + stored]
+                assert zstandard.frame_content_size(frame) == length
+            assert off + stored <= objects[obj]
+    check_layout(root)
+
+
 def test_one_off_save_is_step_zero(tmp_path: Path) -> None:
     root = tmp_path / "one"
     state = {"w": np.arange(6, dtype=np.int16).reshape(2, 3), "epoch": 4}
