@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
 
+import numpy as np
 import xxhash
 
 from ._dtypes import dtype_from_name
@@ -426,63 +427,87 @@ def _parse_objects(v: Any) -> dict[str, int]:
     return dict(zip(names, sizes, strict=True))
 
 
-_dtype_cache: dict[str, int] = {}
+def _itemsizes(dtypes: list[Any]) -> dict[str, int]:
+    """Itemsize of each distinct dtype name (refusing names off the whitelist)."""
+    out: dict[str, int] = {}
+    for i, name in enumerate(dtypes):
+        if type(name) is not str:
+            raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(name)}")
+    for name in set(dtypes):
+        dtype = dtype_from_name(name)
+        if dtype is None:
+            i = dtypes.index(name)
+            raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(name)}")
+        out[name] = dtype.itemsize
+    return out
 
 
 def _parse_arrays(arrays: Any, segments: Any, objects: dict[str, int]) -> ArrayTable:
-    at, _ = _table(arrays, "arrays", _ARRAY_KEYS)
+    # the hot part of reading a manifest: whole columns are checked at once (C-level
+    # passes and NumPy), a Python loop per array runs only to name the culprit
+    at, n = _table(arrays, "arrays", _ARRAY_KEYS)
     st, count = _table(segments, "segments", _SEGMENT_KEYS)
     counts = _int_column(at["segments"], "arrays.segments", 0, count)
     if sum(counts) != count:
         raise _InvalidError(f"arrays.segments add up to {sum(counts)}, but there are {count} segments")
     names = list(objects)
-    sizes = list(objects.values())
     obj_idx = _int_column(st["object"], "segments.object", 0, len(names) - 1)
     offsets = _int_column(st["offset"], "segments.offset", 0, MAX_INT)
     lengths = _int_column(st["length"], "segments.length", 1, MAX_ARRAY_BYTES)
     stored = _int_column(st["stored"], "segments.stored", 1, MAX_ARRAY_BYTES)
     codecs = _int_column(st["codec"], "segments.codec", 0, len(CODECS) - 1)
     checksums = _hex_column(st["checksum"], "segments.checksum")
-    for j, (o, off, sz, ln, cd) in enumerate(zip(obj_idx, offsets, stored, lengths, codecs, strict=True)):
-        if off + sz > sizes[o]:
+    if count:
+        size_of = np.array(list(objects.values()), dtype=np.int64)[np.array(obj_idx, dtype=np.int64)]
+        off_a, st_a = np.array(offsets, dtype=np.int64), np.array(stored, dtype=np.int64)
+        past = np.flatnonzero(off_a + st_a > size_of)  # no overflow: 2^62 + 2^50 < 2^63
+        if past.size:
+            j = int(past[0])
             raise _InvalidError(
-                f"segment {j} reads bytes {off}..{off + sz} of object {names[o]}, which has {sizes[o]} bytes"
+                f"segment {j} reads bytes {offsets[j]}..{offsets[j] + stored[j]} of object "
+                f"{names[obj_idx[j]]}, which has {objects[names[obj_idx[j]]]} bytes"
             )
-        if cd == CODEC_NONE and sz != ln:
-            raise _InvalidError(f"segment {j} is stored uncompressed but stored ({sz}) differs from length ({ln})")
+        raw = np.flatnonzero((np.array(codecs) == CODEC_NONE) & (st_a != np.array(lengths, dtype=np.int64)))
+        if raw.size:
+            j = int(raw[0])
+            raise _InvalidError(f"segment {j} is stored uncompressed but stored ({stored[j]}) differs from length")
     dtypes = at["dtype"]
-    shapes: list[tuple[int, ...]] = []
-    nbytes: list[int] = []
-    starts = [0]
-    pos = 0
-    for i, (name, shape_raw, c) in enumerate(zip(dtypes, at["shape"], counts, strict=True)):
-        itemsize = _dtype_cache.get(name) if type(name) is str else None
-        if itemsize is None:
-            dtype = dtype_from_name(name) if type(name) is str else None
-            if dtype is None:
-                raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(name)}")
-            itemsize = _dtype_cache[name] = dtype.itemsize
-        if type(shape_raw) is not list or len(shape_raw) > 64:
-            raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
-        size = 1
-        for d in shape_raw:
-            if type(d) is not int or d < 0 or d > MAX_ARRAY_BYTES:
-                raise _InvalidError(f"arrays[{i}] has invalid dimension {_short(d)}")
-            size *= d
-        size *= itemsize
-        if size > MAX_ARRAY_BYTES:
-            raise _InvalidError(f"arrays[{i}] claims {size} bytes")
-        end = pos + c
-        total = lengths[pos] if c == 1 else sum(lengths[pos:end])
-        if total != size:
-            raise _InvalidError(f"arrays[{i}] ({name}{shape_raw}) needs {size} bytes, its segments hold {total}")
-        shapes.append(tuple(shape_raw))
-        nbytes.append(size)
-        pos = end
-        starts.append(pos)
+    itemsize = _itemsizes(dtypes)
+    shapes_raw = at["shape"]
+    if not all(type(sh) is list and len(sh) <= 64 for sh in shapes_raw):
+        i = next(i for i, sh in enumerate(shapes_raw) if type(sh) is not list or len(sh) > 64)
+        raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
+    dims = list(itertools.chain.from_iterable(shapes_raw))
+    if not all(type(d) is int for d in dims) or (dims and (min(dims) < 0 or max(dims) > MAX_ARRAY_BYTES)):
+        i = next(i for i, sh in enumerate(shapes_raw) if any(type(d) is not int or not 0 <= d <= MAX_ARRAY_BYTES
+                                                            for d in sh))  # fmt: skip
+        raise _InvalidError(f"arrays[{i}] has an invalid dimension in {_short(shapes_raw[i])}")
+    nbytes = [math.prod(sh) * itemsize[dt] for sh, dt in zip(shapes_raw, dtypes, strict=True)]
+    if nbytes and max(nbytes) > MAX_ARRAY_BYTES:
+        i = next(i for i, nb in enumerate(nbytes) if nb > MAX_ARRAY_BYTES)
+        raise _InvalidError(f"arrays[{i}] claims {nbytes[i]} bytes")
+    starts = [0, *itertools.accumulate(counts)]
+    # every array's segment lengths sum to its nbytes: prefix sums, exact in int64 since
+    # the total is at most (number of segments) * 2^50 and is checked first
+    total = sum(lengths)
+    if total < MAX_INT:
+        ends = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(np.array(lengths, dtype=np.int64), out=ends[1:])
+        st_idx = np.array(starts, dtype=np.int64)
+        held = ends[st_idx[1:]] - ends[st_idx[:-1]]
+        bad = np.flatnonzero(held != np.array(nbytes, dtype=np.int64))
+        first_bad = int(bad[0]) if bad.size else -1
+    else:
+        first_bad = next((i for i in range(n) if sum(lengths[starts[i] : starts[i + 1]]) != nbytes[i]), -1)
+    if first_bad >= 0:
+        i = first_bad
+        held_i = sum(lengths[starts[i] : starts[i + 1]])
+        raise _InvalidError(
+            f"arrays[{i}] ({dtypes[i]}{shapes_raw[i]}) needs {nbytes[i]} bytes, its segments hold {held_i}"
+        )
     return ArrayTable(
         dtypes=dtypes,
-        shapes=shapes,
+        shapes=[tuple(sh) for sh in shapes_raw],
         nbytes=nbytes,
         starts=starts,
         objects=[names[o] for o in obj_idx],

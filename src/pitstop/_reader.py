@@ -26,6 +26,7 @@ from concurrent.futures import Executor, wait
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from ._dtypes import dtype_from_name
 from ._errors import CorruptCheckpointError
@@ -58,8 +59,12 @@ def _dtype(name: str) -> np.dtype[Any]:
     return dt
 
 
-def _u8(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return a.reshape(-1).view(np.uint8)
+def _bytes_of(a: np.ndarray[Any, Any]) -> memoryview:
+    """The bytes of C-contiguous ``a`` as a flat writable ``B`` memoryview (no copy)."""
+    try:
+        return memoryview(a).cast("B")  # type: ignore[arg-type]
+    except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
+        return a.reshape(-1).view(np.uint8).data
 
 
 def _decompress(frame: Any, length: int) -> bytes:
@@ -121,8 +126,13 @@ class _ObjectRead:
                         buf = np.empty(stored[p.seg], dtype=np.uint8)
                         self.storage.read_object_into(self.name, offsets[p.seg], buf.data)
                         raw.append((p, buf))
+        digest_of, sums, codecs = xxhash.xxh3_128_hexdigest, t.checksums, t.codecs
         for p, data in raw:
-            self._finish(p, data)
+            if data is p.dest and data is not None and codecs[p.seg] == CODEC_NONE:  # in place: check
+                if digest_of(data) != sums[p.seg]:
+                    self._damaged(p, "fail their checksum")
+            else:
+                self._finish(p, data)
 
     def _scatter(self, start: int, end: int) -> None:
         offsets, stored = self.t.offsets, self.t.stored
@@ -312,7 +322,7 @@ def read_arrays(
         out[i] = target if target is not None else dest
         if first == last:
             continue
-        view = _u8(dest).data
+        view = _bytes_of(dest)
         pos = 0
         for j in range(first, last):
             n = lengths[j]
