@@ -133,6 +133,9 @@ class ArrayEntry:
     __hash__ = None  # type: ignore[assignment]
 
 
+_new_entry = object.__new__
+
+
 class ArrayTable(Sequence[ArrayEntry]):
     """Every array of a checkpoint as parallel columns (the manifest's own layout).
 
@@ -200,13 +203,16 @@ class ArrayTable(Sequence[ArrayEntry]):
     @overload
     def __getitem__(self, i: slice) -> list[ArrayEntry]: ...
     def __getitem__(self, i: int | slice) -> ArrayEntry | list[ArrayEntry]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+        if type(i) is not int:
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(len(self)))]
+            i = int(i)
         if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self.dtypes):
-            raise IndexError(f"array index {i} out of range")
-        e = ArrayEntry(self.dtypes[i], self.shapes[i])
+            i += len(self.dtypes)
+        e = _new_entry(ArrayEntry)  # no __init__: the hot path of planning a restore
+        e.dtype = self.dtypes[i]  # raises IndexError when out of range
+        e.shape = self.shapes[i]
+        e._segments = None
         e._table, e._index = self, i
         return e
 
