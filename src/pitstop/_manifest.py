@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
 
@@ -38,6 +38,7 @@ __all__ = [
     "Segment",
     "checksum",
     "decode_manifest",
+    "encode_column",
     "encode_manifest",
     "encode_node",
     "manifest_name",
@@ -263,16 +264,39 @@ def encode_node(node: Any) -> str:
     return _dumps(node)
 
 
-def encode_manifest(m: Manifest, *, tree_json: str | None = None) -> bytes:
+def encode_column(values: list[Any]) -> str:
+    """The canonical JSON of one table column (see :func:`encode_manifest`'s ``pre``)."""
+    return _dumps(values)
+
+
+def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> bytes:
     """Serialise ``m`` into the checksummed envelope (deterministic for equal input).
 
     Args:
-        tree_json: ``encode_node(m.tree)`` when the caller computed it already (a writer
-            does so while its data is still being written).
+        pre: JSON text already computed for some fields, by key: ``"tree"`` (see
+            :func:`encode_node`) or ``"<table>.<column>"`` (see :func:`encode_column`).
+            A writer encodes what is final while its data is still being written.
     """
+    pre = pre or {}
     names = sorted(m.objects)
     index = {n: i for i, n in enumerate(names)}
     t = m.arrays
+    tables: dict[str, dict[str, Any]] = {
+        "arrays": {
+            "dtype": t.dtypes,
+            "shape": t.shapes,
+            "segments": lambda: [b - a for a, b in itertools.pairwise(t.starts)],
+        },
+        "segments": {
+            "object": lambda: [index[o] for o in t.objects],
+            "offset": t.offsets,
+            "length": t.lengths,
+            "checksum": t.checksums,
+            "stored": t.stored,
+            "codec": t.codecs,
+        },
+        "objects": {"name": names, "size": lambda: [m.objects[n] for n in names]},
+    }
     body: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "hash": HASH_NAME,
@@ -280,28 +304,26 @@ def encode_manifest(m: Manifest, *, tree_json: str | None = None) -> bytes:
         "time": m.time,
         "tree": m.tree,
         "rng": m.rng,
-        "arrays": {
-            "dtype": t.dtypes,
-            "shape": t.shapes,
-            "segments": [b - a for a, b in itertools.pairwise(t.starts)],
-        },
-        "segments": {
-            "object": [index[o] for o in t.objects],
-            "offset": t.offsets,
-            "length": t.lengths,
-            "checksum": t.checksums,
-            "stored": t.stored,
-            "codec": t.codecs,
-        },
-        "objects": {"name": names, "size": [m.objects[n] for n in names]},
         "metrics": {k: _metric_out(v) for k, v in m.metrics.items()},
         "metadata": m.metadata,
         "versions": m.versions,
     }
+
+    def column(table: str, name: str, values: Any) -> str:
+        done = pre.get(f"{table}.{name}")
+        if done is not None:
+            return done
+        return _dumps(values() if callable(values) else values)
+
     # the same bytes as json.dumps(body, sort_keys=True, ...), one field at a time
-    parts = [
-        f"{_dumps(k)}:{tree_json if k == 'tree' and tree_json is not None else _dumps(body[k])}" for k in sorted(body)
-    ]
+    parts = []
+    for k in sorted([*body, *tables]):
+        if k in tables:
+            cols = tables[k]
+            text = "{" + ",".join(f'"{c}":{column(k, c, cols[c])}' for c in sorted(cols)) + "}"
+        else:
+            text = pre[k] if k in pre else _dumps(body[k])
+        parts.append(f'"{k}":{text}')
     raw = ("{" + ",".join(parts) + "}").encode()
     head = f'{{"format":"pitstop/{FORMAT_VERSION}","checksum":"{checksum(raw)}","manifest":'
     return head.encode() + raw + b"}\n"

@@ -41,6 +41,7 @@ from ._manifest import (
     Manifest,
     Segment,
     checksum,
+    encode_column,
     encode_manifest,
     encode_node,
     manifest_name,
@@ -345,11 +346,16 @@ def write_checkpoint(
         if bufs:
             close_pack()
         stats.state_bytes = sum(nbytes)
-        # while the pool writes: the tree's JSON and the per-array columns
-        tree_json = encode_node(flat.tree)
+        # while the pool writes: the JSON of everything already final
         names = {dt: dtype_name(dt) for dt in {a.dtype for a in flat.arrays}}
         dtypes = [names[a.dtype] for a in flat.arrays]
         shapes = [a.shape for a in flat.arrays]
+        pre = {"tree": encode_node(flat.tree), "arrays.dtype": encode_column(dtypes),
+               "arrays.shape": encode_column(shapes)}  # fmt: skip
+        if not chunk_jobs and compression is None:  # no placeholder left in the segment rows
+            for key, col in (("offset", c_off), ("length", c_len), ("checksum", c_sum), ("stored", c_st),
+                             ("codec", c_cd)):  # fmt: skip
+                pre[f"segments.{key}"] = encode_column(col)
     finally:
         # every task must be finished before this function returns or raises: a task still
         # writing after a failed save would race the next save and garbage collection
@@ -378,36 +384,44 @@ def write_checkpoint(
             objects[seg.object] = seg.stored
     stats.bytes_written = sum(objects.values())
     stats.objects_written = len(objects)
-    if objects:
-        storage.sync_objects()
+    # the object directory is synced (on the pool, while the manifest is encoded here)
+    # before the manifest is published: the commit order of _commit is unchanged
+    synced: Future[None] | None = pool.submit(storage.sync_objects) if objects else None
 
     # the manifest: every referenced object's size, and the columns built above
-    for name in set(c_obj) - objects.keys():
-        objects[name] = sizes.get(name, 0) or _size_of(storage, name)
-    table = ArrayTable(
-        dtypes=dtypes,
-        shapes=shapes,
-        nbytes=nbytes,
-        starts=starts,
-        objects=c_obj,
-        offsets=c_off,
-        lengths=c_len,
-        checksums=c_sum,
-        stored=c_st,
-        codecs=c_cd,
-    )
-    manifest = Manifest(
-        step=step,
-        time=time.time(),
-        tree=flat.tree,
-        rng=flat.rng,
-        arrays=table,
-        objects=dict(sorted(objects.items())),
-        metrics=dict(metrics),
-        metadata=dict(metadata),
-        versions=_versions(),
-    )
-    storage.publish_manifest(manifest_name(step), encode_manifest(manifest, tree_json=tree_json))
+    try:
+        for name in set(c_obj) - objects.keys():
+            objects[name] = sizes.get(name, 0) or _size_of(storage, name)
+        table = ArrayTable(
+            dtypes=dtypes,
+            shapes=shapes,
+            nbytes=nbytes,
+            starts=starts,
+            objects=c_obj,
+            offsets=c_off,
+            lengths=c_len,
+            checksums=c_sum,
+            stored=c_st,
+            codecs=c_cd,
+        )
+        manifest = Manifest(
+            step=step,
+            time=time.time(),
+            tree=flat.tree,
+            rng=flat.rng,
+            arrays=table,
+            objects=dict(sorted(objects.items())),
+            metrics=dict(metrics),
+            metadata=dict(metadata),
+            versions=_versions(),
+        )
+        data = encode_manifest(manifest, pre=pre)
+    finally:
+        if synced is not None:
+            wait([synced])  # finished before this function returns or raises
+    if synced is not None:
+        synced.result()
+    storage.publish_manifest(manifest_name(step), data)
     stats.seconds = time.perf_counter() - t0
     return manifest, stats
 
