@@ -176,6 +176,8 @@ def test_mmap_restore_is_read_only_verified_and_zero_copy(tmp_path: Path, tiny_p
             mgr.restore(state, mmap=True)
         m = mgr.manifest(0)
         obj = m.arrays[m.tree["dict"]["small"]["dict"]["w003"]["array"]].segments[0]
+    one_off = pitstop.restore(tmp_path / "c", mmap=True)  # outlives its manager
+    assert np.array_equal(one_off["big"], state["big"]) and not one_off["small"]["w001"].flags.writeable
     # a flipped byte is found before any array is handed out
     path = tmp_path / "c" / "objects" / obj.object
     data = bytearray(path.read_bytes())
