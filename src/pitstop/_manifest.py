@@ -415,6 +415,10 @@ _ARRAY_KEYS = frozenset({"dtype", "shape", "segments"})
 _SEGMENT_KEYS = frozenset({"object", "offset", "length", "checksum", "stored", "codec"})
 _OBJECT_KEYS = frozenset({"name", "size"})
 _HEX_CHARS_RE = re.compile(r"\A[0-9a-f]*\Z")
+_INT_ONLY = frozenset({int})  # exactly int: bool is a subclass, but type(True) is bool
+_STR_ONLY = frozenset({str})
+_LIST_ONLY = frozenset({list})
+_LEN_32 = frozenset({32})
 
 
 def _table(v: Any, what: str, keys: frozenset[str]) -> tuple[dict[str, list[Any]], int]:
@@ -430,7 +434,7 @@ def _table(v: Any, what: str, keys: frozenset[str]) -> tuple[dict[str, list[Any]
 
 def _int_column(col: list[Any], what: str, lo: int, hi: int) -> list[int]:
     # one C-level pass each: type check (bool is not an integer), then the bounds
-    if not all(type(x) is int for x in col):
+    if not set(map(type, col)) <= _INT_ONLY:  # C-level passes: no Python code per item
         bad = next(x for x in col if type(x) is not int)
         raise _InvalidError(f"{what} must hold integers, got {_short(bad)}")
     if col and (min(col) < lo or max(col) > hi):
@@ -440,7 +444,11 @@ def _int_column(col: list[Any], what: str, lo: int, hi: int) -> list[int]:
 
 
 def _hex_column(col: list[Any], what: str) -> list[str]:
-    if not all(type(x) is str and len(x) == 32 for x in col) or not _HEX_CHARS_RE.match("".join(col)):
+    if (
+        not set(map(type, col)) <= _STR_ONLY
+        or not set(map(len, col)) <= _LEN_32
+        or not _HEX_CHARS_RE.match("".join(col))
+    ):
         bad = next(x for x in col if type(x) is not str or not _HEX_RE.match(x))
         raise _InvalidError(f"{what} must hold 32 lowercase hex digits, got {_short(bad)}")
     return col
@@ -502,11 +510,11 @@ def _parse_arrays(arrays: Any, segments: Any, objects: dict[str, int]) -> ArrayT
     dtypes = at["dtype"]
     itemsize = _itemsizes(dtypes)
     shapes_raw = at["shape"]
-    if not all(type(sh) is list and len(sh) <= 64 for sh in shapes_raw):
+    if not set(map(type, shapes_raw)) <= _LIST_ONLY or (shapes_raw and max(map(len, shapes_raw)) > 64):
         i = next(i for i, sh in enumerate(shapes_raw) if type(sh) is not list or len(sh) > 64)
         raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
     dims = list(itertools.chain.from_iterable(shapes_raw))
-    if not all(type(d) is int for d in dims) or (dims and (min(dims) < 0 or max(dims) > MAX_ARRAY_BYTES)):
+    if not set(map(type, dims)) <= _INT_ONLY or (dims and (min(dims) < 0 or max(dims) > MAX_ARRAY_BYTES)):
         i = next(i for i, sh in enumerate(shapes_raw) if any(type(d) is not int or not 0 <= d <= MAX_ARRAY_BYTES
                                                             for d in sh))  # fmt: skip
         raise _InvalidError(f"arrays[{i}] has an invalid dimension in {_short(shapes_raw[i])}")
