@@ -162,6 +162,7 @@ class CheckpointManager:
             state may take. A save whose arrays hold more is written synchronously
             instead (``save()`` blocks until it is committed, and allocates nothing).
             ``None``: no bound. Snapshot buffers are reused from one save to the next.
+            ``last_save_blocked`` tells whether the last ``save()`` wrote synchronously.
 
     Example:
         >>> import numpy as np, pitstop, tempfile
