@@ -157,7 +157,8 @@ class CheckpointManager:
             at least 1/8 of a piece (incompressible data is detected on a sample and
             stored as is); ``None`` (default) stores raw bytes. ``save(compression=...)``
             overrides it for one save.
-        compression_level: zstd level, 1 (fastest) to 22 (smallest); default 3.
+        compression_level: zstd level, 1 (fastest) to 22 (smallest); default 1: on numeric data it keeps
+            nearly the ratio of level 3 at up to 4x the speed.
         max_snapshot_bytes: With ``async_save``, the most host memory the snapshot of a
             state may take. A save whose arrays hold more is written synchronously
             instead (``save()`` blocks until it is committed, and allocates nothing).

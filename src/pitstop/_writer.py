@@ -68,11 +68,12 @@ class Compression:
     """zstandard compression of array pieces, used only where it pays.
 
     Attributes:
-        level: zstd level (1 fastest … 19 smallest; 3 is zstd's default).
+        level: zstd level (1 fastest ... 22 smallest; pitstop uses 1: on numeric arrays it keeps
+            nearly the ratio of level 3 at up to 4x the speed).
         min_saving: Keep a compressed piece only if it saves at least this fraction.
     """
 
-    level: int = 3
+    level: int = 1
     min_saving: float = 0.125
 
     def __post_init__(self) -> None:
