@@ -941,6 +941,7 @@ class Bench:
             if r == 0:
                 got = out[0][1]
                 assert all(np.array_equal(got[k], v) for k, v in state.items()), "pitstop restore(mmap=True)"
+                del got  # a live mapping would keep its pages in the cache through later evictions
             mgr.close()
             del out
             _free()
