@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -518,7 +519,7 @@ def _parse_arrays(arrays: Any, segments: Any, objects: dict[str, int]) -> ArrayT
         i = next(i for i, sh in enumerate(shapes_raw) if any(type(d) is not int or not 0 <= d <= MAX_ARRAY_BYTES
                                                             for d in sh))  # fmt: skip
         raise _InvalidError(f"arrays[{i}] has an invalid dimension in {_short(shapes_raw[i])}")
-    nbytes = [math.prod(sh) * itemsize[dt] for sh, dt in zip(shapes_raw, dtypes, strict=True)]
+    nbytes = list(map(operator.mul, map(math.prod, shapes_raw), map(itemsize.__getitem__, dtypes)))
     if nbytes and max(nbytes) > MAX_ARRAY_BYTES:
         i = next(i for i, nb in enumerate(nbytes) if nb > MAX_ARRAY_BYTES)
         raise _InvalidError(f"arrays[{i}] claims {nbytes[i]} bytes")
@@ -543,10 +544,10 @@ def _parse_arrays(arrays: Any, segments: Any, objects: dict[str, int]) -> ArrayT
         )
     return ArrayTable(
         dtypes=dtypes,
-        shapes=[tuple(sh) for sh in shapes_raw],
+        shapes=list(map(tuple, shapes_raw)),
         nbytes=nbytes,
         starts=starts,
-        objects=[names[o] for o in obj_idx],
+        objects=list(map(names.__getitem__, obj_idx)),
         offsets=offsets,
         lengths=lengths,
         checksums=checksums,
