@@ -10,8 +10,8 @@ ratio against the target of DESIGN.md section 9 / issue 5. Run from the reposito
     .venv/bin/python benchmarks/run.py --only big,small --no-anchors
     .venv/bin/python benchmarks/run.py --markdown /tmp/bench.md
 
-Workloads: big, small, async, incremental, keras, scaling. "Durable" means the bytes are
-written and fsync'd and the directory entry is fsync'd. TensorFlow, Keras, safetensors and
+Workloads: big, small, async, incremental, keras, scaling, compression. "Durable" means
+the bytes are written and fsync'd and the directory entry is fsync'd. TensorFlow, Keras, safetensors and
 torch are imported lazily, only by the cases that need them, and skipped with a note when
 they are missing. Everything is written below a scratch directory that is removed at the
 end.
@@ -46,7 +46,7 @@ import pitstop
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-WORKLOADS = ("big", "small", "async", "incremental", "keras", "scaling")
+WORKLOADS = ("big", "small", "async", "incremental", "keras", "scaling", "compression")
 _DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
@@ -66,6 +66,7 @@ class Config:
     scaling_counts: tuple[int, ...] = (10, 1_000, 10_000, 100_000)
     scaling_array_bytes: int = 16 * MiB
     tiny_bytes: int = KiB
+    compression_bytes: int = 256 * MiB
     repeat: int = 3
     heavy_repeat: int = 2  # slow anchors (tf.train.Checkpoint of 20,000 variables, ...)
 
@@ -78,6 +79,7 @@ class Config:
             scaling_bytes=(16 * MiB, 32 * MiB, 64 * MiB),
             scaling_counts=(10, 100, 1_000),
             scaling_array_bytes=2 * MiB,
+            compression_bytes=32 * MiB,
             repeat=repeat or 1,
             heavy_repeat=1,
         )
@@ -643,47 +645,84 @@ class Bench:
         return int(self.args.heavy_effective)
 
     # -- anchors shared by big and small -------------------------------------------------
+    def save_load(
+        self,
+        workload: str,
+        name: str,
+        save: Callable[[str], float | None],
+        load: Callable[[str], Any],
+        *,
+        nbytes: int,
+        rep: int,
+        save_vs: tuple[Row, str, tuple[str, float] | None],
+        load_vs: tuple[Row, str],
+        load_case: str = "load (fresh arrays)",
+        returns_case: str | None = None,
+        returns_vs: Row | None = None,
+    ) -> Row:
+        """Time ``rep`` durable saves (``save(path)``, then an fsync of everything under
+        ``path``) and ``rep`` cold loads of the last one; add their rows and ratios.
+
+        ``save`` may return the seconds until it returned control (a library that writes
+        in the background or without fsync); they go to a row ``returns_case``, compared
+        with ``returns_vs`` (the raw durable write).
+
+        Returns:
+            The save row.
+        """
+        saves, returns, loads, path = [], [], [], ""
+        for _ in range(rep):
+            _rm(path)
+            path = self.path(name.split()[0])
+            box: list[float | None] = []
+            saves.append(self.timed(lambda p=path, b=box: (b.append(save(p)), _fsync_files([p])), nbytes))
+            if box and box[0] is not None:
+                returns.append(box[0])
+        for _ in range(rep):
+            self.cache.evict([path])
+            out: list[Any] = []
+            loads.append(self.timed(lambda p=path, o=out: o.append(load(p)), 2 * nbytes, read=True))
+            del out
+            _free()
+        _rm(path)
+        if returns_case is not None:
+            row = self.res.add(Row(workload, f"{name} {returns_case}", returns, nbytes))
+            if returns_vs is not None:
+                self.res.compare(row, returns_vs, label="raw")
+        save_row = self.res.add(Row(workload, f"{name} save + fsync", saves, nbytes))
+        base, label, target = save_vs
+        self.res.compare(save_row, base, label=label, target=target)
+        row = self.res.add(Row(workload, f"{name} {load_case}", loads, nbytes))
+        self.res.compare(row, load_vs[0], label=load_vs[1])
+        return save_row
+
     def anchors(
         self, workload: str, arrays: list[np.ndarray], raw_save: Row, raw_read_fresh: Row, pit_save: Row, heavy: bool
     ) -> None:
         nbytes = sum(a.nbytes for a in arrays)
         rep = self.heavy if heavy else self.repeat
         state = _as_state(arrays)
+        vs_raw: tuple[Row, str, tuple[str, float] | None] = (raw_save, "raw", None)
+        fresh = (raw_read_fresh, "raw fresh")
 
-        def save_load(name: str, suffix: str, save: Callable[[str], None], load: Callable[[str], Any]) -> None:
-            saves, loads, path = [], [], ""
-            for _ in range(rep):
-                _rm(path)
-                path = self.path(f"{name}{suffix}")
-                saves.append(self.timed(lambda p=path: (save(p), _fsync_files([p])), nbytes))
-            for _ in range(rep):
-                self.cache.evict([path])
-                out: list[Any] = []
-                loads.append(self.timed(lambda p=path, o=out: o.append(load(p)), 2 * nbytes, read=True))
-                del out
-                _free()
-            _rm(path)
-            row = self.res.add(Row(workload, f"{name} save + fsync", saves, nbytes))
-            self.res.compare(row, raw_save, label="raw")
-            row = self.res.add(Row(workload, f"{name} load (fresh arrays)", loads, nbytes))
-            self.res.compare(row, raw_read_fresh, label="raw fresh")
-
-        # np.savez
         def npz_load(p: str) -> list[np.ndarray]:
             with np.load(p) as z:
                 return [z[k] for k in z.files]
 
-        save_load("np.savez", ".npz", lambda p: np.savez(p, **state), npz_load)
+        def npz_save(p: str) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, **state)
 
-        # safetensors
+        self.save_load(workload, "np.savez", npz_save, npz_load, nbytes=nbytes, rep=rep, save_vs=vs_raw, load_vs=fresh)
         try:
             st = importlib.import_module("safetensors.numpy")
         except ImportError as exc:
             self.res.note(f"safetensors not installed ({exc}): skipped")
         else:
-            save_load("safetensors save_file", ".safetensors", lambda p: st.save_file(state, p), st.load_file)
-
-        # torch
+            self.save_load(
+                workload, "safetensors save_file", lambda p: st.save_file(state, p), st.load_file,
+                nbytes=nbytes, rep=rep, save_vs=vs_raw, load_vs=fresh,
+            )  # fmt: skip
         try:
             torch = importlib.import_module("torch")
         except ImportError:
@@ -691,7 +730,10 @@ class Bench:
                 self.res.note("torch is not installed: the torch.save anchor is skipped")
         else:
             tstate = {k: torch.from_numpy(v) for k, v in state.items()}
-            save_load("torch.save", ".pt", lambda p: torch.save(tstate, p), lambda p: torch.load(p))
+            self.save_load(
+                workload, "torch.save", lambda p: torch.save(tstate, p), lambda p: torch.load(p),
+                nbytes=nbytes, rep=rep, save_vs=vs_raw, load_vs=fresh,
+            )  # fmt: skip
             del tstate
 
         # tf.train.Checkpoint, sync and async
@@ -704,35 +746,25 @@ class Bench:
         variables = [tf.Variable(a) for a in arrays]
         print(f"  (created {len(variables)} tf.Variables in {time.perf_counter() - t0:.1f} s)", flush=True)
         ckpt = tf.train.Checkpoint(vars=variables)
-        writes, durable, reads, prefix = [], [], [], ""
-        for _ in range(rep):
-            _rm(os.path.dirname(prefix)) if prefix else None
-            d = self.path("tfckpt")
+
+        def tf_save(d: str) -> float:
             os.makedirs(d)
-            prefix = os.path.join(d, "ckpt")
-            self.settle(nbytes)
             t0 = time.perf_counter()
-            ckpt.write(prefix)
-            t1 = time.perf_counter()
-            _fsync_files([d])
-            t2 = time.perf_counter()
-            writes.append(t1 - t0)
-            durable.append(t2 - t0)
-        for _ in range(rep):
-            self.cache.evict([os.path.dirname(prefix)])
-            reads.append(self.timed(lambda p=prefix: ckpt.read(p), nbytes, read=True))
+            ckpt.write(os.path.join(d, "ckpt"))
+            return time.perf_counter() - t0
+
+        small = workload == "small"
+        self.save_load(
+            workload, "tf.train.Checkpoint", tf_save, lambda d: ckpt.read(os.path.join(d, "ckpt")),
+            nbytes=nbytes, rep=rep, load_case="read (in place)", returns_case="write() (no fsync, as TF does)",
+            returns_vs=raw_save,
+            save_vs=(pit_save, "pitstop", (">=", 20)) if small else vs_raw, load_vs=fresh,
+        )  # fmt: skip
+        if small:
+            self.res.rows[-2].note = "target: pitstop ≥ 20x faster"
         ok = all(np.array_equal(v.numpy(), a) for v, a in zip(variables[:4], arrays[:4], strict=True))
-        _rm(os.path.dirname(prefix))
-        row = self.res.add(Row(workload, "tf.train.Checkpoint.write (no fsync, as TF does)", writes, nbytes))
-        self.res.compare(row, raw_save, label="raw")
-        row = self.res.add(Row(workload, "tf.train.Checkpoint.write + fsync", durable, nbytes))
-        if workload == "small":
-            self.res.compare(row, pit_save, label="pitstop", target=(">=", 20))
-            row.note = "target: pitstop ≥ 20x faster"
-        else:
-            self.res.compare(row, raw_save, label="raw")
-        row = self.res.add(Row(workload, "tf.train.Checkpoint.read (in place)", reads, nbytes))
-        row.note = "" if ok else "READ BACK WRONG DATA"
+        if not ok:
+            self.res.rows[-1].note = "READ BACK WRONG DATA"
 
         # async: the first write traces and allocates, so it is a warm-up
         opts = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
@@ -872,7 +904,7 @@ class Bench:
         """
         state = _as_state(arrays)
         targets = _touched_like(arrays)
-        raw_in, pit_in, raw_fresh, pit_fresh = [], [], [], []
+        raw_in, pit_in, raw_fresh, pit_fresh, pit_mmap = [], [], [], [], []
         for r in range(self.repeat):
             self.cache.evict([raw_dir])
             raw_in.append(self.timed(lambda: raw_read(raw_dir, targets), nbytes, read=True))
@@ -902,12 +934,26 @@ class Bench:
             mgr.close()
             del out
             _free()
+            self.cache.evict([pit_dir])
+            mgr = pitstop.CheckpointManager(pit_dir, async_save=False)
+            out = []
+            pit_mmap.append(self.timed(lambda m=mgr, o=out: o.append(m.restore(mmap=True)), nbytes, read=True))
+            if r == 0:
+                got = out[0][1]
+                assert all(np.array_equal(got[k], v) for k, v in state.items()), "pitstop restore(mmap=True)"
+                del got  # a live mapping would keep its pages in the cache through later evictions
+            mgr.close()
+            del out
+            _free()
         raw_row = self.res.add(Row(wl, f"raw: {how} into existing arrays (cold)", raw_in, nbytes))
         in_place = self.res.add(Row(wl, "pitstop restore in place (cold)", pit_in, nbytes))
         self.res.compare(in_place, raw_row, label="raw", target=target)
         raw_read_fresh = self.res.add(Row(wl, f"raw: {how} into fresh np.empty arrays (cold)", raw_fresh, nbytes))
         row = self.res.add(Row(wl, "pitstop restore(state=None) (cold)", pit_fresh, nbytes))
         self.res.compare(row, raw_read_fresh, label="raw fresh")
+        row = self.res.add(Row(wl, "pitstop restore(mmap=True) (cold, checksums verified)", pit_mmap, nbytes))
+        self.res.compare(row, raw_read_fresh, label="raw fresh")
+        row.note = "read-only views of the mapped files"
         return in_place, raw_read_fresh
 
     def async_(self) -> None:
@@ -1143,6 +1189,49 @@ class Bench:
             if ref is not None and count in margins and count != ref and margins[ref] > 0:
                 row.ratio, row.vs = margins[count] / margins[ref], f"marginal µs/array at {ref:,}"
                 row.target = ("<=", 2.0)
+
+    def compression(self) -> None:
+        """zstd on compressible data (token ids, masks) and on random floats (where it must
+        stay out of the way): time and bytes against the uncompressed save, and the restore."""
+        cfg, wl = self.cfg, "compression"
+        rng = np.random.default_rng(8)
+        n = 16
+        each = cfg.compression_bytes // n
+        datasets = {
+            "compressible (int32 ids < 1000, bool masks)": [
+                (rng.integers(0, 1000, each // 4, dtype=np.int32) if i % 2 else rng.random(each) < 0.1)
+                for i in range(n)
+            ],
+            "random float32": _random_arrays(n, each, seed=9),
+        }
+        for label, arrays in datasets.items():
+            nbytes = sum(a.nbytes for a in arrays)
+            state = _as_state(arrays)
+            print(f"compression: {label}, {nbytes / MiB:.0f} MiB in {n} arrays", flush=True)
+            plain, zipped, restores = [], [], []
+            sizes: dict[str, int] = {}
+            for _ in range(self.repeat):
+                for codec, runs in (("none", plain), ("zstd", zipped)):
+                    d = self.path(f"pitstop-{codec}")
+                    mgr, _ = self.manager(d, compression="zstd" if codec == "zstd" else None)
+                    runs.append(self.timed(lambda m=mgr, s=state: m.save(1, s), nbytes))
+                    sizes[codec] = mgr.last_save_stats.bytes_written if mgr.last_save_stats else 0
+                    mgr.close()
+                    if codec == "zstd":
+                        self.cache.evict([d])
+                        targets = _touched_like(arrays)
+                        tstate = _as_state(targets)
+                        m2 = pitstop.CheckpointManager(d, async_save=False)
+                        restores.append(self.timed(lambda m=m2, t=tstate: m.restore(t), nbytes, read=True))
+                        m2.close()
+                        assert all(np.array_equal(a, b) for a, b in zip(arrays, targets, strict=True)), "zstd restore"
+                        del targets, tstate
+                    _rm(d)
+            base = self.res.add(Row(wl, f"{label}: pitstop save, uncompressed", plain, nbytes))
+            row = self.res.add(Row(wl, f"{label}: pitstop save, compression='zstd'", zipped, nbytes))
+            self.res.compare(row, base, label="uncompressed")
+            row.note = f"{sizes['zstd'] / MiB:.1f} MiB written ({sizes['zstd'] / max(1, sizes['none']):.1%})"
+            self.res.add(Row(wl, f"{label}: restore in place of the zstd save (cold)", restores, nbytes))
 
 
 def _fmt_bytes(n: int) -> str:

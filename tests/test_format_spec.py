@@ -11,7 +11,6 @@ states are the ones pitstop enforces.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import xxhash
+import zstandard
 
 import pitstop
 import pitstop._writer
@@ -43,8 +43,9 @@ MANIFEST_NAME_RE = re.compile(r"[0-9]{20}\.json")
 LAYOUT_RE = re.compile(  # §2
     r"writer\.lock|manifests/[0-9]{20}\.json|objects/[0-9a-f]{32}|(?:manifests|objects)/\.tmp-[0-9a-f]{16}-.+"
 )
-BODY_KEYS = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "objects", "metrics", "metadata",
-             "versions"}  # fmt: skip
+BODY_KEYS = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "segments", "objects", "metrics",
+             "metadata", "versions"}  # fmt: skip
+SEGMENT_KEYS = {"object", "offset", "length", "checksum", "stored", "codec"}
 KINDS = {"dict", "list", "tuple", "array", "scalar", "value", "float", "object"}
 NONFINITE = ("nan", "inf", "-inf")
 MAX_DEPTH = 400
@@ -154,6 +155,17 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
         _check_node(obj["state"], n_arrays, seen, depth + 1)
 
 
+def _table(v: Any, keys: set[str], what: str) -> tuple[dict[str, list[Any]], int]:
+    """§5: a columnar table: exactly these keys, each a list, all of the same length."""
+    t = _obj(v, what)
+    if set(t) != keys:
+        raise SpecError(f"{what} keys {sorted(t)}")
+    lengths = {len(_list(c, what)) for c in t.values()}
+    if len(lengths) != 1:
+        raise SpecError(f"{what} columns differ in length")
+    return t, lengths.pop()
+
+
 def parse_manifest(data: bytes, step: int | None = None) -> dict[str, Any]:
     """§4, §5 and every rule of §10: the validated body of a manifest file."""
     raw = envelope_body(data)
@@ -171,44 +183,50 @@ def parse_manifest(data: bytes, step: int | None = None) -> dict[str, Any]:
         raise SpecError("step differs from the file name")
     if type(body["time"]) not in (int, float):
         raise SpecError("time")
-    objects = _obj(body["objects"], "objects")
-    for name, size in objects.items():
-        if not HEX_RE.fullmatch(name):
+    objects, n_objects = _table(body["objects"], {"name", "size"}, "objects")
+    for name in objects["name"]:
+        if type(name) is not str or not HEX_RE.fullmatch(name):
             raise SpecError(f"object name {name!r}")
-        _int(size, 0, MAX_BYTES, "object size")
-    arrays = _list(body["arrays"], "arrays")
-    for a in arrays:
-        if set(_obj(a, "array")) != {"dtype", "shape", "segments"}:
-            raise SpecError("array keys")
-        if type(a["dtype"]) is not str or a["dtype"] not in DTYPES:
-            raise SpecError(f"dtype {a['dtype']!r} is not whitelisted")
-        shape = [_int(d, 0, MAX_INT, "dimension") for d in _list(a["shape"], "shape")]
+    if objects["name"] != sorted(set(objects["name"])):
+        raise SpecError("object names not sorted or repeated")
+    sizes = [_int(size, 0, MAX_BYTES, "object size") for size in objects["size"]]
+    segs, n_segs = _table(body["segments"], SEGMENT_KEYS, "segments")
+    for j in range(n_segs):
+        obj = _int(segs["object"][j], 0, n_objects - 1, "segment object")
+        off = _int(segs["offset"][j], 0, MAX_INT, "offset")
+        length = _int(segs["length"][j], 1, MAX_BYTES, "length")
+        stored = _int(segs["stored"][j], 1, MAX_BYTES, "stored")
+        codec = _int(segs["codec"][j], 0, 1, "codec")
+        if off + stored > sizes[obj]:
+            raise SpecError("segment beyond the object's end")
+        if codec == 0 and stored != length:
+            raise SpecError("uncompressed segment with stored != length")
+        digest = segs["checksum"][j]
+        if type(digest) is not str or not HEX_RE.fullmatch(digest):
+            raise SpecError("segment checksum")
+    arrays, n_arrays = _table(body["arrays"], {"dtype", "shape", "segments"}, "arrays")
+    counts = [_int(c, 0, n_segs, "segment count") for c in arrays["segments"]]
+    if sum(counts) != n_segs:
+        raise SpecError("arrays.segments do not add up to the number of segments")
+    first = 0
+    for dtype, shape_raw, count in zip(arrays["dtype"], arrays["shape"], counts, strict=True):
+        if type(dtype) is not str or dtype not in DTYPES:
+            raise SpecError(f"dtype {dtype!r} is not whitelisted")
+        shape = [_int(d, 0, MAX_INT, "dimension") for d in _list(shape_raw, "shape")]
         if len(shape) > 64:
             raise SpecError("too many dimensions")
-        nbytes = math.prod(shape) * DTYPES[a["dtype"]].itemsize
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if nbytes > MAX_BYTES:
             raise SpecError("array too large")
-        total = 0
-        for seg in _list(a["segments"], "segments"):
-            if type(seg) is not list or len(seg) != 4:
-                raise SpecError("segment arity")
-            obj, off, length, digest = seg
-            if type(obj) is not str or not HEX_RE.fullmatch(obj) or obj not in objects:
-                raise SpecError(f"segment object {obj!r}")
-            _int(off, 0, MAX_INT, "offset")
-            _int(length, 1, MAX_INT, "length")
-            if off + length > objects[obj]:
-                raise SpecError("segment beyond the object's end")
-            if type(digest) is not str or not HEX_RE.fullmatch(digest):
-                raise SpecError("segment checksum")
-            total += length
+        total = sum(segs["length"][first : first + count])
         if total != nbytes:
             raise SpecError(f"segments hold {total} bytes, the array needs {nbytes}")
+        first += count
     seen: set[int] = set()
-    _check_node(body["tree"], len(arrays), seen, 0)
+    _check_node(body["tree"], n_arrays, seen, 0)
     if body["rng"] is not None:
-        _check_node(body["rng"], len(arrays), seen, 0)
-    if len(seen) != len(arrays):
+        _check_node(body["rng"], n_arrays, seen, 0)
+    if len(seen) != n_arrays:
         raise SpecError("an array is not referenced")
     for v in _obj(body["metrics"], "metrics").values():
         if type(v) not in (int, float) and v not in NONFINITE:
@@ -218,20 +236,56 @@ def parse_manifest(data: bytes, step: int | None = None) -> dict[str, Any]:
     return body
 
 
+def objects_of(body: dict[str, Any]) -> dict[str, int]:
+    """§5: the objects table as name -> size."""
+    return dict(zip(body["objects"]["name"], body["objects"]["size"], strict=True))
+
+
+def arrays_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """§5/§7: one dict per array with its segments as [object name, offset, length, checksum,
+    stored, codec] (array i owns the next ``arrays.segments[i]`` rows of ``segments``)."""
+    names, segs = body["objects"]["name"], body["segments"]
+    rows = [
+        [names[o], off, length, digest, stored, codec]
+        for o, off, length, digest, stored, codec in zip(
+            segs["object"],
+            segs["offset"],
+            segs["length"],
+            segs["checksum"],
+            segs["stored"],
+            segs["codec"],
+            strict=True,
+        )
+    ]
+    out, first = [], 0
+    for dtype, shape, count in zip(body["arrays"]["dtype"], body["arrays"]["shape"], body["arrays"]["segments"],
+                                   strict=True):  # fmt: skip
+        out.append({"dtype": dtype, "shape": shape, "segments": rows[first : first + count]})
+        first += count
+    return out
+
+
 def read_array(root: Path, body: dict[str, Any], i: int) -> np.ndarray[Any, Any]:
     """§7: concatenate the segments (each checked, §10 rules 13-14), then interpret."""
-    a = body["arrays"][i]
+    a = arrays_of(body)[i]
+    objects = objects_of(body)
     buf = bytearray()
-    for obj, off, length, digest in a["segments"]:
+    for obj, off, length, digest, stored, codec in a["segments"]:
         path = root / "objects" / obj
         st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != body["objects"][obj]:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != objects[obj]:
             raise SpecError(f"object {obj} is not a regular file of the listed size")
         with open(path, "rb") as f:
             f.seek(off)
-            piece = f.read(length)
+            piece = f.read(stored)
+        if len(piece) != stored:
+            raise SpecError(f"object {obj} is truncated")
+        if codec == 1:  # §8: one zstandard frame that decompresses to exactly `length` bytes
+            if zstandard.frame_content_size(piece) != length:
+                raise SpecError(f"object {obj} bytes {off}..{off + stored}: wrong frame size")
+            piece = zstandard.ZstdDecompressor().decompress(piece, max_output_size=length)
         if len(piece) != length or xxh3(piece) != digest:
-            raise SpecError(f"object {obj} bytes {off}..{off + length} are damaged")
+            raise SpecError(f"object {obj} bytes {off}..{off + stored} are damaged")
         buf += piece
     return np.frombuffer(bytes(buf), dtype=DTYPES[a["dtype"]]).reshape(a["shape"])
 
@@ -354,15 +408,16 @@ def objects_on_disk(root: Path) -> dict[str, bytes]:
 
 def check_pieces(root: Path, body: dict[str, Any], small: int, chunk: int, pack: int, fresh: bool) -> None:
     """§8: chunking, chunk objects, 64-byte aligned zero-padded packs, content addressing."""
-    objects = body["objects"]
-    assert set(objects) == {s[0] for a in body["arrays"] for s in a["segments"]}
+    objects = objects_of(body)
+    arrays = arrays_of(body)
+    assert set(objects) == {s[0] for a in arrays for s in a["segments"]}
     assert list(objects) == sorted(objects)
     for name, size in objects.items():
         data = (root / "objects" / name).read_bytes()
         assert len(data) == size
         assert xxh3(data) == name  # named by the checksum of the whole content
     pieces: dict[str, set[tuple[int, int]]] = {}
-    for a in body["arrays"]:
+    for a in arrays:
         nbytes = math.prod(a["shape"]) * DTYPES[a["dtype"]].itemsize
         lengths = [s[2] for s in a["segments"]]
         if nbytes == 0:
@@ -371,7 +426,8 @@ def check_pieces(root: Path, body: dict[str, Any], small: int, chunk: int, pack:
             assert lengths == [nbytes]
         else:
             assert lengths == [min(chunk, nbytes - o) for o in range(0, nbytes, chunk)]
-        for obj, off, length, digest in a["segments"]:
+        for obj, off, length, digest, stored, codec in a["segments"]:
+            assert (stored, codec) == (length, 0)  # uncompressed unless asked for
             if length > small:  # a chunk object of its own
                 assert (obj, off, objects[obj]) == (digest, 0, length)
             else:  # in a pack
@@ -452,9 +508,10 @@ def test_round_trip_through_spec_reader(tmp_path: Path, small_sizes: dict[str, i
     assert t["pair"] == {"tuple": [{"value": 1}, {"value": 2.5}, {"scalar": t["pair"]["tuple"][2]["scalar"]}]}
     assert t["nan"] == {"float": "nan"} and t["ninf"] == {"float": "-inf"}
     assert t["layers"]["list"][4] == {"list": [{"value": 1.5}, {"value": True}]}
-    empty = body["arrays"][t["empty"]["array"]]
+    arrays = arrays_of(body)
+    empty = arrays[t["empty"]["array"]]
     assert empty == {"dtype": "float32", "shape": [0, 3], "segments": []}
-    bias, twin = (body["arrays"][t["model"]["dict"][k]["array"]] for k in ("dense/bias", "twin"))
+    bias, twin = (arrays[t["model"]["dict"][k]["array"]] for k in ("dense/bias", "twin"))
     assert bias["segments"] == twin["segments"]  # deduplicated within the save
 
     # the RNG states are arrays and values like any other tree
@@ -463,9 +520,9 @@ def test_round_trip_through_spec_reader(tmp_path: Path, small_sizes: dict[str, i
     assert tuple(int(x) for x in rng["python"]["state"]) == random.getstate()[1]
 
     check_pieces(root, body, small_sizes["SMALL_BYTES"], small_sizes["CHUNK_BYTES"], small_sizes["PACK_BYTES"], True)
-    chunked = body["arrays"][t["model"]["dict"]["big"]["array"]]
+    chunked = arrays[t["model"]["dict"]["big"]["array"]]
     assert len(chunked["segments"]) == 6  # 5600 bytes: five 1024-byte chunks and a 480-byte one
-    packs = {s[0] for a in body["arrays"] for s in a["segments"] if s[2] <= small_sizes["SMALL_BYTES"]}
+    packs = {s[0] for a in arrays for s in a["segments"] if s[2] <= small_sizes["SMALL_BYTES"]}
     assert len(packs) >= 2
     check_layout(root)
     assert not [f for f in all_files(root) if ".tmp-" in f]
@@ -478,10 +535,34 @@ def test_default_sizes_large_array_is_its_own_object(tmp_path: Path) -> None:
     save(root, [(1, state)], capture_rng=False)
     tree, body = read_checkpoint(root, 1)
     assert_same(tree, state)
-    seg = body["arrays"][body["tree"]["dict"]["big"]["array"]]["segments"]
+    seg = arrays_of(body)[body["tree"]["dict"]["big"]["array"]]["segments"]
     assert len(seg) == 1 and seg[0][0] == seg[0][3] and seg[0][1:3] == [0, big.nbytes]
     check_pieces(root, body, 1 << 20, 64 << 20, 64 << 20, True)
-    assert len(body["objects"]) == 2  # the chunk and one pack
+    assert len(objects_of(body)) == 2  # the chunk and one pack
+    check_layout(root)
+
+
+def test_compressed_checkpoint_through_spec_reader(tmp_path: Path, small_sizes: dict[str, int]) -> None:
+    """§7/§8: zstd segments (codec 1) in packs and as chunk objects, beside raw ones."""
+    root = tmp_path / "ck"
+    rng = np.random.default_rng(5)
+    state = {**make_state(), "ids": np.arange(2000, dtype=np.int32) % 3, "zeros": np.zeros(60, np.float32),
+             "noise": rng.standard_normal(50)}  # fmt: skip
+    save(root, [(1, state)], capture_rng=False, compression="zstd")
+    tree, body = read_checkpoint(root, 1)
+    assert_same(tree, state)
+    codecs = {s[5] for a in arrays_of(body) for s in a["segments"]}
+    assert codecs == {0, 1}
+    objects = objects_of(body)
+    for a in arrays_of(body):
+        for obj, off, length, _digest, stored, codec in a["segments"]:
+            data = (root / "objects" / obj).read_bytes()
+            assert xxh3(data) == obj  # named by the stored content, compressed or not
+            if codec == 1:
+                assert stored < length * 7 / 8 + 1 and off % 64 == 0
+                frame = data[off : off + stored]
+                assert zstandard.frame_content_size(frame) == length
+            assert off + stored <= objects[obj]
     check_layout(root)
 
 
@@ -565,11 +646,11 @@ def test_unchanged_arrays_write_no_new_objects(tmp_path: Path, small_sizes: dict
         mgr.save(3, state)
         third = objects_on_disk(root)
     m1, m2, m3 = (read_manifest(root, s) for s in (1, 2, 3))
-    assert m2["arrays"] == m1["arrays"] and m2["objects"] == m1["objects"]
-    assert set(third) - set(first) == set(m3["objects"]) - set(m1["objects"])
+    assert arrays_of(m2) == arrays_of(m1) and m2["objects"] == m1["objects"]
+    assert set(third) - set(first) == set(objects_of(m3)) - set(objects_of(m1))
     assert len(set(third) - set(first)) == 1  # one new pack holding only the changed array
     changed = m3["tree"]["dict"]["model"]["dict"]["dense/bias"]["array"]
-    for i, (a1, a3) in enumerate(zip(m1["arrays"], m3["arrays"], strict=True)):
+    for i, (a1, a3) in enumerate(zip(arrays_of(m1), arrays_of(m3), strict=True)):
         assert (a1 == a3) == (i != changed)
     for step, want in ((2, None), (3, state)):
         tree, body = read_checkpoint(root, step)
@@ -589,9 +670,10 @@ def test_retention_deletes_only_unreferenced_objects(tmp_path: Path, small_sizes
         mgr.save(2, state)
     assert committed_steps(root) == [2]
     body = read_manifest(root, 2)
-    assert set(objects_on_disk(root)) == set(body["objects"])  # §11: exactly what a manifest lists
-    assert set(body["objects"]) & written_at_1  # segments pointing into step 1's objects
-    assert written_at_1 - set(body["objects"])  # and step 1's old chunks are gone
+    names = set(objects_of(body))
+    assert set(objects_on_disk(root)) == names  # §11: exactly what a manifest lists
+    assert names & written_at_1  # segments pointing into step 1's objects
+    assert written_at_1 - names  # and step 1's old chunks are gone
     tree, _ = read_checkpoint(root, 2)
     assert_same(tree, state)
     check_layout(root)
@@ -635,12 +717,23 @@ def dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _rename_object(b: dict[str, Any], new: str) -> None:
-    ((_, size),) = b["objects"].items()
-    b["objects"] = {new: size}
-    for a in b["arrays"]:
-        for s in a["segments"]:
-            s[0] = new
+def _rename_object(b: dict[str, Any], new: Any) -> None:
+    assert len(b["objects"]["name"]) == 1
+    b["objects"]["name"] = [new]
+
+
+def _insert_segment(b: dict[str, Any], length: int, stored: int) -> None:
+    """A new first segment of array 0 (pointing at object 0, offset 0)."""
+    for key, value in (("object", 0), ("offset", 0), ("length", length), ("checksum", "0" * 32),
+                       ("stored", stored), ("codec", 0)):  # fmt: skip
+        b["segments"][key].insert(0, value)
+    b["arrays"]["segments"][0] += 1
+
+
+def _append_array(b: dict[str, Any], dtype: str, shape: list[int], segments: int) -> None:
+    b["arrays"]["dtype"].append(dtype)
+    b["arrays"]["shape"].append(shape)
+    b["arrays"]["segments"].append(segments)
 
 
 def _chain(kind: str, depth: int) -> dict[str, Any]:
@@ -665,31 +758,42 @@ def _tree_add(key: str, node: dict[str, Any]) -> Callable[[dict[str, Any]], None
 
 
 BODY_MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "object dtype": _set(("arrays", 0, "dtype"), "object"),
-    "numpy dtype string": _set(("arrays", 0, "dtype"), "<f8"),
-    "unknown dtype": _set(("arrays", 0, "dtype"), "float128"),
+    "object dtype": _set(("arrays", "dtype", 0), "object"),
+    "numpy dtype string": _set(("arrays", "dtype", 0), "<f8"),
+    "unknown dtype": _set(("arrays", "dtype", 0), "float128"),
     "path as object name": lambda b: _rename_object(b, "../../../../etc/passwd"),
     "upper-case object name": lambda b: _rename_object(b, "AB" * 16),
     "short object name": lambda b: _rename_object(b, "ab" * 15),
-    "unlisted object": _set(("arrays", 0, "segments", 0, 0), "ab" * 16),
-    "segment past object end": lambda b: b["arrays"][0]["segments"][0].__setitem__(1, 1 << 20),
-    "object size too small": lambda b: b["objects"].update(dict.fromkeys(b["objects"], 8)),
-    "negative object size": lambda b: b["objects"].update(dict.fromkeys(b["objects"], -1)),
-    "negative offset": _set(("arrays", 0, "segments", 0, 1), -64),
-    "bool offset": _set(("arrays", 0, "segments", 0, 1), False),
-    "zero-length segment": lambda b: b["arrays"][0]["segments"].insert(
-        0, [*b["arrays"][0]["segments"][0][:2], 0, "0" * 32]
-    ),
-    "segment arity": lambda b: b["arrays"][0]["segments"][0].append(0),
-    "bad segment checksum": _set(("arrays", 0, "segments", 0, 3), "xyz"),
-    "segments shorter than shape": _set(("arrays", 0, "shape"), [4]),
-    "segments longer than shape": _set(("arrays", 0, "shape"), [2]),
-    "float shape": _set(("arrays", 0, "shape"), [3.0]),
-    "65 dimensions": _set(("arrays", 0, "shape"), [1] * 65),
-    "extra array key": _set(("arrays", 0, "name"), "a"),
+    "number as object name": lambda b: _rename_object(b, 5),
+    "unsorted object names": lambda b: b["objects"].update(name=["f" * 32, "0" * 32], size=[64, 64]),
+    "repeated object names": lambda b: b["objects"].update(name=["0" * 32, "0" * 32], size=[64, 64]),
+    "objects columns differ": lambda b: b["objects"]["size"].append(64),
+    "objects as a map": _set(("objects",), {"0" * 32: 64}),
+    "unlisted object": _set(("segments", "object", 0), 1),
+    "negative object index": _set(("segments", "object", 0), -1),
+    "object name in a segment": lambda b: b["segments"]["object"].__setitem__(0, b["objects"]["name"][0]),
+    "segment past object end": _set(("segments", "offset", 0), 1 << 20),
+    "object size too small": lambda b: b["objects"].update(size=[8]),
+    "negative object size": lambda b: b["objects"].update(size=[-1]),
+    "negative offset": _set(("segments", "offset", 0), -64),
+    "bool offset": _set(("segments", "offset", 0), False),
+    "zero-length segment": lambda b: _insert_segment(b, 0, 0),
+    "segment column missing": lambda b: b["segments"].pop("codec"),
+    "segment columns differ": lambda b: b["segments"]["offset"].append(0),
+    "bad segment checksum": _set(("segments", "checksum", 0), "xyz"),
+    "stored differs, uncompressed": _set(("segments", "stored", 0), 8),
+    "unknown codec": _set(("segments", "codec", 0), 2),
+    "segment counts too few": _set(("arrays", "segments", 0), 0),
+    "segment counts too many": _set(("arrays", "segments", 0), 2),
+    "segments shorter than shape": _set(("arrays", "shape", 0), [4]),
+    "segments longer than shape": _set(("arrays", "shape", 0), [2]),
+    "float shape": _set(("arrays", "shape", 0), [3.0]),
+    "65 dimensions": _set(("arrays", "shape", 0), [1] * 65),
+    "extra array column": _set(("arrays", "name"), ["a", "b", "c"]),
+    "arrays as a list": _set(("arrays",), []),
     "array referenced twice": _tree_add("again", {"array": 0}),
     "scalar and array share": _tree_add("again", {"scalar": 2}),
-    "array not referenced": lambda b: b["arrays"].append(copy.deepcopy(b["arrays"][0])),
+    "array not referenced": lambda b: _append_array(b, "float64", [0], 0),
     "array index out of range": _tree_add("x", {"array": 3}),
     "bool array index": _set(("tree", "dict", "a"), {"array": False}),
     "unknown node kind": _tree_add("x", {"set": []}),

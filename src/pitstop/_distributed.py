@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
 from ._errors import CheckpointError, CorruptCheckpointError, StateMismatchError
-from ._manifest import ArrayEntry, Manifest, Segment, decode_manifest, encode_manifest, manifest_name
+from ._manifest import ArrayEntry, ArrayTable, Manifest, Segment, decode_manifest, encode_manifest, manifest_name
 from ._storage import Storage
 from ._tree import FlatState, display_path, walk_nodes
 from ._writer import DedupIndex, SaveStats, _versions, write_checkpoint
@@ -429,7 +429,7 @@ def merge_parts(
         time=time.time(),
         tree=tree,
         rng=rng,
-        arrays=arrays,
+        arrays=ArrayTable.from_entries(arrays),
         objects={k: objects[k] for k in sorted(referenced)},
         metrics=dict(metrics),
         metadata=dict(metadata),

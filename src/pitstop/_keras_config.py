@@ -24,7 +24,7 @@ from typing import Any
 import keras
 
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from ._manager import CheckpointManager, CorruptCheckpointWarning, _array_paths, _describer, _mismatch_message
+from ._manager import CheckpointManager, CorruptCheckpointWarning, _describer, _mismatch_message
 from ._manifest import Manifest, manifest_name
 from ._reader import read_arrays
 from ._tree import PathT, display_path, plan_restore, rename_hints, run_restore_hooks, walk_nodes
@@ -208,7 +208,7 @@ def _load_from(mgr: CheckpointManager, step: int, key: str | None) -> Any:
         )
         err.args = (err.message,)
         raise err
-    arrays = read_arrays(mgr._storage, m, dict(plan.reads), mgr._pool, _describer(_array_paths(m)), where)
+    arrays = read_arrays(mgr._storage, m, dict(plan.reads), mgr._pool, _describer(m), where)
     plan.execute(arrays)
     return model
 

@@ -14,25 +14,34 @@ names, and every size and offset is checked against the data it points into.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
+import numpy as np
 import xxhash
 
 from ._dtypes import dtype_from_name
 from ._errors import CorruptCheckpointError
 
 __all__ = [
+    "CODEC_NONE",
+    "CODEC_ZSTD",
     "FORMAT_VERSION",
     "ArrayEntry",
+    "ArrayTable",
     "Manifest",
     "Segment",
     "checksum",
     "decode_manifest",
+    "encode_column",
     "encode_manifest",
+    "encode_node",
     "manifest_name",
     "step_of_manifest_name",
 ]
@@ -41,11 +50,12 @@ FORMAT_VERSION = 1
 HASH_NAME = "xxh3-128"
 MAX_DEPTH = 400
 MAX_ARRAY_BYTES = 1 << 50
+MAX_INT = 1 << 62
 
 _PREFIX_RE = re.compile(rb'\A\{"format":"pitstop/(\d+)","checksum":"([0-9a-f]{32})","manifest":')
 _NAME_RE = re.compile(r"\A(\d{20})\.json\Z")
 _HEX_RE = re.compile(r"\A[0-9a-f]{32}\Z")
-_OBJECT_KEYS = frozenset({"type", "state", "config"})
+_OBJECT_NODE_KEYS = frozenset({"type", "state", "config"})
 _NODE_KINDS = frozenset({"dict", "list", "tuple", "array", "scalar", "value", "float", "object"})
 
 
@@ -66,28 +76,161 @@ def step_of_manifest_name(name: str) -> int | None:
 
 
 class Segment(NamedTuple):
-    """``length`` bytes at ``offset`` in object ``object``, whose xxh3-128 is ``checksum``.
+    """``stored`` bytes at ``offset`` in object ``object``, holding ``length`` array bytes.
 
-    A NamedTuple: tens of thousands are built per checkpoint, and it serialises to the
-    manifest's ``[object, offset, length, checksum]`` list as it is.
+    ``codec`` 0: the bytes are stored as they are (``stored == length``); ``codec`` 1: they
+    are one zstandard frame that decompresses to ``length`` bytes. ``checksum`` is the
+    xxh3-128 of the ``length`` array bytes (after decompression).
     """
 
     object: str
     offset: int
     length: int
     checksum: str
+    stored: int
+    codec: int = 0
 
 
-class ArrayEntry(NamedTuple):
-    """One stored array: little-endian C-order bytes, the concatenation of its segments."""
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+CODECS = (CODEC_NONE, CODEC_ZSTD)
 
-    dtype: str
-    shape: tuple[int, ...]
-    segments: tuple[Segment, ...]
+
+class ArrayEntry:
+    """One stored array: little-endian C-order bytes, the concatenation of its segments.
+
+    Entries read from a manifest are views of its :class:`ArrayTable`: ``segments`` is
+    built only when asked for.
+    """
+
+    __slots__ = ("_index", "_segments", "_table", "dtype", "shape")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], segments: Sequence[Segment] | None = None) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self._segments = tuple(segments) if segments is not None else None
+        self._table: ArrayTable | None = None
+        self._index = 0
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        if self._segments is None:
+            assert self._table is not None
+            self._segments = tuple(self._table.segments(self._index))
+        return self._segments
 
     @property
     def nbytes(self) -> int:
+        if self._table is not None:
+            return self._table.nbytes[self._index]
         return sum(s.length for s in self.segments)
+
+    def __repr__(self) -> str:
+        return f"ArrayEntry(dtype={self.dtype!r}, shape={self.shape!r}, segments={self.segments!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ArrayEntry):
+            return NotImplemented
+        return (self.dtype, self.shape, self.segments) == (other.dtype, other.shape, other.segments)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_new_entry = object.__new__
+
+
+class ArrayTable(Sequence[ArrayEntry]):
+    """Every array of a checkpoint as parallel columns (the manifest's own layout).
+
+    One Python list per column instead of one object per array and segment: building,
+    encoding, decoding and deduplicating 100,000 arrays stays a handful of C-level list
+    operations. ``table[i]`` still gives an :class:`ArrayEntry` (built on demand) for code
+    that looks at one array at a time.
+
+    Array ``i`` owns segments ``starts[i]`` up to ``starts[i + 1]`` of the segment columns.
+    """
+
+    __slots__ = ("checksums", "codecs", "dtypes", "lengths", "nbytes", "objects", "offsets", "shapes", "starts",
+                 "stored")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        dtypes: list[str],
+        shapes: list[tuple[int, ...]],
+        nbytes: list[int],
+        starts: list[int],
+        objects: list[str],
+        offsets: list[int],
+        lengths: list[int],
+        checksums: list[str],
+        stored: list[int],
+        codecs: list[int],
+    ) -> None:
+        self.dtypes = dtypes
+        self.shapes = shapes
+        self.nbytes = nbytes
+        self.starts = starts
+        self.objects = objects
+        self.offsets = offsets
+        self.lengths = lengths
+        self.checksums = checksums
+        self.stored = stored
+        self.codecs = codecs
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[ArrayEntry]) -> ArrayTable:
+        """A table of ``entries`` (convenient for tests and small tools; not a hot path)."""
+        segs = [s for e in entries for s in e.segments]
+        starts = [0]
+        for e in entries:
+            starts.append(starts[-1] + len(e.segments))
+        return cls(
+            dtypes=[e.dtype for e in entries],
+            shapes=[tuple(e.shape) for e in entries],
+            nbytes=[e.nbytes for e in entries],
+            starts=starts,
+            objects=[s.object for s in segs],
+            offsets=[s.offset for s in segs],
+            lengths=[s.length for s in segs],
+            checksums=[s.checksum for s in segs],
+            stored=[s.stored for s in segs],
+            codecs=[s.codec for s in segs],
+        )
+
+    def __len__(self) -> int:
+        return len(self.dtypes)
+
+    @overload
+    def __getitem__(self, i: int) -> ArrayEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ArrayEntry]: ...
+    def __getitem__(self, i: int | slice) -> ArrayEntry | list[ArrayEntry]:
+        if type(i) is not int:
+            if isinstance(i, slice):
+                return [self[j] for j in range(*i.indices(len(self)))]
+            i = int(i)
+        if i < 0:
+            i += len(self.dtypes)
+        e = _new_entry(ArrayEntry)  # no __init__: the hot path of planning a restore
+        e.dtype = self.dtypes[i]  # raises IndexError when out of range
+        e.shape = self.shapes[i]
+        e._segments = None
+        e._table, e._index = self, i
+        return e
+
+    def segments(self, i: int) -> list[Segment]:
+        """The segments of array ``i``, in order."""
+        return [self.segment(j) for j in range(self.starts[i], self.starts[i + 1])]
+
+    def segment(self, j: int) -> Segment:
+        """Segment ``j`` of the segment columns."""
+        return Segment(self.objects[j], self.offsets[j], self.lengths[j], self.checksums[j], self.stored[j],
+                       self.codecs[j])  # fmt: skip
+
+    @property
+    def segment_count(self) -> int:
+        return len(self.checksums)
 
 
 @dataclass
@@ -97,7 +240,7 @@ class Manifest:
     step: int
     time: float
     tree: dict[str, Any]
-    arrays: list[ArrayEntry]
+    arrays: ArrayTable
     objects: dict[str, int]
     rng: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -107,36 +250,83 @@ class Manifest:
     @property
     def nbytes(self) -> int:
         """Bytes of array data the checkpoint holds (before deduplication)."""
-        return sum(a.nbytes for a in self.arrays)
+        return sum(self.arrays.nbytes)
 
 
 def _metric_out(v: float) -> float | str:
     return v if math.isfinite(v) else repr(v)  # 'nan', 'inf', '-inf'
 
 
-def encode_manifest(m: Manifest) -> bytes:
-    """Serialise ``m`` into the checksummed envelope (deterministic for equal input)."""
-    body = {
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def encode_node(node: Any) -> str:
+    """The canonical JSON of a tree node (what :func:`encode_manifest` writes for it)."""
+    return _dumps(node)
+
+
+def encode_column(values: list[Any]) -> str:
+    """The canonical JSON of one table column (see :func:`encode_manifest`'s ``pre``)."""
+    return _dumps(values)
+
+
+def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> bytes:
+    """Serialise ``m`` into the checksummed envelope (deterministic for equal input).
+
+    Args:
+        pre: JSON text already computed for some fields, by key: ``"tree"`` (see
+            :func:`encode_node`) or ``"<table>.<column>"`` (see :func:`encode_column`).
+            A writer encodes what is final while its data is still being written.
+    """
+    pre = pre or {}
+    names = sorted(m.objects)
+    index = {n: i for i, n in enumerate(names)}
+    t = m.arrays
+    tables: dict[str, dict[str, Any]] = {
+        "arrays": {
+            "dtype": t.dtypes,
+            "shape": t.shapes,
+            "segments": lambda: [b - a for a, b in itertools.pairwise(t.starts)],
+        },
+        "segments": {
+            "object": lambda: [index[o] for o in t.objects],
+            "offset": t.offsets,
+            "length": t.lengths,
+            "checksum": t.checksums,
+            "stored": t.stored,
+            "codec": t.codecs,
+        },
+        "objects": {"name": names, "size": lambda: [m.objects[n] for n in names]},
+    }
+    body: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "hash": HASH_NAME,
         "step": m.step,
         "time": m.time,
         "tree": m.tree,
         "rng": m.rng,
-        "arrays": [
-            {
-                "dtype": a.dtype,
-                "shape": list(a.shape),
-                "segments": a.segments,
-            }
-            for a in m.arrays
-        ],
-        "objects": m.objects,
         "metrics": {k: _metric_out(v) for k, v in m.metrics.items()},
         "metadata": m.metadata,
         "versions": m.versions,
     }
-    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+    def column(table: str, name: str, values: Any) -> str:
+        done = pre.get(f"{table}.{name}")
+        if done is not None:
+            return done
+        return _dumps(values() if callable(values) else values)
+
+    # the same bytes as json.dumps(body, sort_keys=True, ...), one field at a time
+    parts = []
+    for k in sorted([*body, *tables]):
+        if k in tables:
+            cols = tables[k]
+            text = "{" + ",".join(f'"{c}":{column(k, c, cols[c])}' for c in sorted(cols)) + "}"
+        else:
+            text = pre[k] if k in pre else _dumps(body[k])
+        parts.append(f'"{k}":{text}')
+    raw = ("{" + ",".join(parts) + "}").encode()
     head = f'{{"format":"pitstop/{FORMAT_VERSION}","checksum":"{checksum(raw)}","manifest":'
     return head.encode() + raw + b"}\n"
 
@@ -218,7 +408,7 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
             raise _InvalidError(f"float node holds {_short(body)}")
     else:  # object
         obj = _dict(body, "object node")
-        if not {"type", "state"} <= set(obj) <= _OBJECT_KEYS or type(obj["type"]) is not str:
+        if not {"type", "state"} <= set(obj) <= _OBJECT_NODE_KEYS or type(obj["type"]) is not str:
             raise _InvalidError("object node needs exactly 'type' (str), 'state' and optionally 'config'")
         if "config" in obj:
             _dict(obj["config"], "object node config")
@@ -226,52 +416,147 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int) -> None:
 
 
 _ARRAY_KEYS = frozenset({"dtype", "shape", "segments"})
+_SEGMENT_KEYS = frozenset({"object", "offset", "length", "checksum", "stored", "codec"})
+_OBJECT_KEYS = frozenset({"name", "size"})
+_HEX_CHARS_RE = re.compile(r"\A[0-9a-f]*\Z")
+_INT_ONLY = frozenset({int})  # exactly int: bool is a subclass, but type(True) is bool
+_STR_ONLY = frozenset({str})
+_LIST_ONLY = frozenset({list})
+_LEN_32 = frozenset({32})
 
 
-def _parse_array(raw: Any, i: int, objects: dict[str, int]) -> ArrayEntry:
-    # the hot loop of reading a manifest (once per array): plain type checks, no regex;
-    # object names were validated once when "objects" was read
-    if type(raw) is not dict or raw.keys() != _ARRAY_KEYS:
-        raise _InvalidError(f"arrays[{i}] must be an object with keys dtype, shape, segments")
-    dtype = dtype_from_name(raw["dtype"])
-    if dtype is None:
-        raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(raw['dtype'])}")
-    shape_raw = raw["shape"]
-    if type(shape_raw) is not list or len(shape_raw) > 64:
-        raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
-    count = 1
-    for d in shape_raw:
-        if type(d) is not int or d < 0 or d > MAX_ARRAY_BYTES:
-            raise _InvalidError(f"arrays[{i}] has invalid dimension {_short(d)}")
-        count *= d
-    nbytes = count * dtype.itemsize
-    if nbytes > MAX_ARRAY_BYTES:
-        raise _InvalidError(f"arrays[{i}] claims {nbytes} bytes")
-    segs_raw = raw["segments"]
-    if type(segs_raw) is not list:
-        raise _InvalidError(f"arrays[{i}].segments must be a list")
-    segments = []
-    total = 0
-    for j, seg in enumerate(segs_raw):
-        if type(seg) is not list or len(seg) != 4:
-            raise _InvalidError(f"arrays[{i}].segments[{j}] must be [object, offset, length, checksum]")
-        obj, off, length, digest = seg
-        size = objects.get(obj) if type(obj) is str else None
-        if size is None:
-            raise _InvalidError(f"arrays[{i}].segments[{j}] names an unlisted or invalid object {_short(obj)}")
-        if type(off) is not int or type(length) is not int or off < 0 or length < 1:
-            raise _InvalidError(f"arrays[{i}].segments[{j}] has an invalid offset or length")
-        if off + length > size:
+def _table(v: Any, what: str, keys: frozenset[str]) -> tuple[dict[str, list[Any]], int]:
+    """A columnar table: an object with exactly ``keys``, each a list, all of one length."""
+    t = _dict(v, what)
+    if t.keys() != keys:
+        raise _InvalidError(f"{what} must have exactly the keys {', '.join(sorted(keys))}, got {sorted(t)}")
+    lengths = {len(_list(t[k], f"{what}.{k}")) for k in keys}
+    if len(lengths) != 1:
+        raise _InvalidError(f"the columns of {what} differ in length")
+    return t, lengths.pop()
+
+
+def _int_column(col: list[Any], what: str, lo: int, hi: int) -> list[int]:
+    # one C-level pass each: type check (bool is not an integer), then the bounds
+    if not set(map(type, col)) <= _INT_ONLY:  # C-level passes: no Python code per item
+        bad = next(x for x in col if type(x) is not int)
+        raise _InvalidError(f"{what} must hold integers, got {_short(bad)}")
+    if col and (min(col) < lo or max(col) > hi):
+        bad = next(x for x in col if not lo <= x <= hi)
+        raise _InvalidError(f"{what} must be integers in [{lo}, {hi}], got {_short(bad)}")
+    return col
+
+
+def _hex_column(col: list[Any], what: str) -> list[str]:
+    if (
+        not set(map(type, col)) <= _STR_ONLY
+        or not set(map(len, col)) <= _LEN_32
+        or not _HEX_CHARS_RE.match("".join(col))
+    ):
+        bad = next(x for x in col if type(x) is not str or not _HEX_RE.match(x))
+        raise _InvalidError(f"{what} must hold 32 lowercase hex digits, got {_short(bad)}")
+    return col
+
+
+def _parse_objects(v: Any) -> dict[str, int]:
+    t, _ = _table(v, "objects", _OBJECT_KEYS)
+    names = _hex_column(t["name"], "objects.name")
+    sizes = _int_column(t["size"], "objects.size", 0, MAX_ARRAY_BYTES)
+    if any(a >= b for a, b in itertools.pairwise(names)):
+        raise _InvalidError("objects.name must be sorted and without repeats")
+    return dict(zip(names, sizes, strict=True))
+
+
+def _itemsizes(dtypes: list[Any]) -> dict[str, int]:
+    """Itemsize of each distinct dtype name (refusing names off the whitelist)."""
+    out: dict[str, int] = {}
+    for i, name in enumerate(dtypes):
+        if type(name) is not str:
+            raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(name)}")
+    for name in set(dtypes):
+        dtype = dtype_from_name(name)
+        if dtype is None:
+            i = dtypes.index(name)
+            raise _InvalidError(f"arrays[{i}] has unsupported dtype {_short(name)}")
+        out[name] = dtype.itemsize
+    return out
+
+
+def _parse_arrays(arrays: Any, segments: Any, objects: dict[str, int]) -> ArrayTable:
+    # the hot part of reading a manifest: whole columns are checked at once (C-level
+    # passes and NumPy), a Python loop per array runs only to name the culprit
+    at, n = _table(arrays, "arrays", _ARRAY_KEYS)
+    st, count = _table(segments, "segments", _SEGMENT_KEYS)
+    counts = _int_column(at["segments"], "arrays.segments", 0, count)
+    if sum(counts) != count:
+        raise _InvalidError(f"arrays.segments add up to {sum(counts)}, but there are {count} segments")
+    names = list(objects)
+    obj_idx = _int_column(st["object"], "segments.object", 0, len(names) - 1)
+    offsets = _int_column(st["offset"], "segments.offset", 0, MAX_INT)
+    lengths = _int_column(st["length"], "segments.length", 1, MAX_ARRAY_BYTES)
+    stored = _int_column(st["stored"], "segments.stored", 1, MAX_ARRAY_BYTES)
+    codecs = _int_column(st["codec"], "segments.codec", 0, len(CODECS) - 1)
+    checksums = _hex_column(st["checksum"], "segments.checksum")
+    if count:
+        size_of = np.array(list(objects.values()), dtype=np.int64)[np.array(obj_idx, dtype=np.int64)]
+        off_a, st_a = np.array(offsets, dtype=np.int64), np.array(stored, dtype=np.int64)
+        past = np.flatnonzero(off_a + st_a > size_of)  # no overflow: 2^62 + 2^50 < 2^63
+        if past.size:
+            j = int(past[0])
             raise _InvalidError(
-                f"arrays[{i}].segments[{j}] reads bytes {off}..{off + length} of object {obj}, which has {size} bytes"
+                f"segment {j} reads bytes {offsets[j]}..{offsets[j] + stored[j]} of object "
+                f"{names[obj_idx[j]]}, which has {objects[names[obj_idx[j]]]} bytes"
             )
-        if type(digest) is not str or len(digest) != 32 or not _HEX_RE.match(digest):
-            raise _InvalidError(f"arrays[{i}].segments[{j}] has an invalid checksum")
-        segments.append(Segment(obj, off, length, digest))
-        total += length
-    if total != nbytes:
-        raise _InvalidError(f"arrays[{i}] ({raw['dtype']}{shape_raw}) needs {nbytes} bytes, segments hold {total}")
-    return ArrayEntry(raw["dtype"], tuple(shape_raw), tuple(segments))
+        raw = np.flatnonzero((np.array(codecs) == CODEC_NONE) & (st_a != np.array(lengths, dtype=np.int64)))
+        if raw.size:
+            j = int(raw[0])
+            raise _InvalidError(f"segment {j} is stored uncompressed but stored ({stored[j]}) differs from length")
+    dtypes = at["dtype"]
+    itemsize = _itemsizes(dtypes)
+    shapes_raw = at["shape"]
+    if not set(map(type, shapes_raw)) <= _LIST_ONLY or (shapes_raw and max(map(len, shapes_raw)) > 64):
+        i = next(i for i, sh in enumerate(shapes_raw) if type(sh) is not list or len(sh) > 64)
+        raise _InvalidError(f"arrays[{i}] shape must be a list of at most 64 dimensions")
+    dims = list(itertools.chain.from_iterable(shapes_raw))
+    if not set(map(type, dims)) <= _INT_ONLY or (dims and (min(dims) < 0 or max(dims) > MAX_ARRAY_BYTES)):
+        i = next(i for i, sh in enumerate(shapes_raw) if any(type(d) is not int or not 0 <= d <= MAX_ARRAY_BYTES
+                                                            for d in sh))  # fmt: skip
+        raise _InvalidError(f"arrays[{i}] has an invalid dimension in {_short(shapes_raw[i])}")
+    nbytes = list(map(operator.mul, map(math.prod, shapes_raw), map(itemsize.__getitem__, dtypes)))
+    if nbytes and max(nbytes) > MAX_ARRAY_BYTES:
+        i = next(i for i, nb in enumerate(nbytes) if nb > MAX_ARRAY_BYTES)
+        raise _InvalidError(f"arrays[{i}] claims {nbytes[i]} bytes")
+    starts = [0, *itertools.accumulate(counts)]
+    # every array's segment lengths sum to its nbytes: prefix sums, exact in int64 since
+    # the total is at most (number of segments) * 2^50 and is checked first
+    total = sum(lengths)
+    if total < MAX_INT:
+        ends = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(np.array(lengths, dtype=np.int64), out=ends[1:])
+        st_idx = np.array(starts, dtype=np.int64)
+        held = ends[st_idx[1:]] - ends[st_idx[:-1]]
+        bad = np.flatnonzero(held != np.array(nbytes, dtype=np.int64))
+        first_bad = int(bad[0]) if bad.size else -1
+    else:
+        first_bad = next((i for i in range(n) if sum(lengths[starts[i] : starts[i + 1]]) != nbytes[i]), -1)
+    if first_bad >= 0:
+        i = first_bad
+        held_i = sum(lengths[starts[i] : starts[i + 1]])
+        raise _InvalidError(
+            f"arrays[{i}] ({dtypes[i]}{shapes_raw[i]}) needs {nbytes[i]} bytes, its segments hold {held_i}"
+        )
+    return ArrayTable(
+        dtypes=dtypes,
+        shapes=list(map(tuple, shapes_raw)),
+        nbytes=nbytes,
+        starts=starts,
+        objects=list(map(names.__getitem__, obj_idx)),
+        offsets=offsets,
+        lengths=lengths,
+        checksums=checksums,
+        stored=stored,
+        codecs=codecs,
+    )
 
 
 def _metric_in(k: Any, v: Any) -> float:
@@ -317,7 +602,7 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         except (ValueError, UnicodeDecodeError) as exc:
             raise _InvalidError(f"invalid JSON: {exc}") from None
         body = _dict(body, "manifest")
-        expected = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "objects",
+        expected = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "segments", "objects",
                     "metrics", "metadata", "versions"}  # fmt: skip
         if set(body) != expected:
             raise _InvalidError(f"manifest keys {sorted(body)} differ from {sorted(expected)}")
@@ -328,12 +613,8 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
             raise _InvalidError(f"manifest says step {got_step} but its file name says {step}")
         if type(body["time"]) not in (int, float):
             raise _InvalidError("time must be a number")
-        objects: dict[str, int] = {}
-        for name, size in _dict(body["objects"], "objects").items():
-            if not _HEX_RE.match(name):
-                raise _InvalidError(f"invalid object name {_short(name)}")
-            objects[name] = _int(size, f"size of object {name}", 0, MAX_ARRAY_BYTES)
-        arrays = [_parse_array(a, i, objects) for i, a in enumerate(_list(body["arrays"], "arrays"))]
+        objects = _parse_objects(body["objects"])
+        arrays = _parse_arrays(body["arrays"], body["segments"], objects)
         seen: set[int] = set()
         _check_node(body["tree"], len(arrays), seen, 0)
         if body["rng"] is not None:

@@ -46,12 +46,15 @@ def save(path: str | os.PathLike[str], state: Any, *, metadata: dict[str, Any] |
 
 
 def restore(path: str | os.PathLike[str], state: Any = None, *, strict: bool = True,
-            storage_options: dict[str, Any] | None = None) -> Any:  # fmt: skip
+            storage_options: dict[str, Any] | None = None, mmap: bool = False) -> Any:  # fmt: skip
     """Read a checkpoint written by :func:`save` (or the newest valid one of a manager's
     directory), in place into ``state`` or as a new tree of NumPy arrays and values.
+
+    ``mmap=True`` (with ``state=None``, local directories): read-only arrays mapped from
+    the files, checksums verified first (see ``CheckpointManager.restore``).
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError.
     """
     with CheckpointManager(path, async_save=False, capture_rng=False, storage_options=storage_options) as mgr:
-        return mgr.restore(state, strict=strict)[1]
+        return mgr.restore(state, strict=strict, mmap=mmap)[1]

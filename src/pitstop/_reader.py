@@ -1,111 +1,251 @@
 """Reading array data back: in place where possible, verified segment by segment.
 
 Every segment read is checked against its xxh3-128 checksum before the array is handed
-out. Segments are grouped by object: a packed object whose requested segments cover most
-of it is read with one call and sliced (20,000 small arrays cost a few reads, not 20,000),
-a large chunk is read straight into the destination array's memory. Objects are read in
-parallel on the store's thread pool (file reads and hashing release the GIL).
+out. Segments are grouped by object and read in parallel on the store's thread pool (file
+reads, hashing and decompression release the GIL):
+
+- into existing arrays (an in-place restore), a packed object's wanted pieces are read
+  with one scatter read (``preadv``) straight into the destination arrays, the gaps into
+  a scratch buffer: 20,000 small arrays cost a few system calls and no extra copy;
+- for a fresh tree (``state=None``), a packed object's span is read once and the small
+  arrays are views into it (no per-array allocation or copy);
+- a large chunk is read straight into its destination;
+- with ``mmap=True`` (local, uncompressed, single-segment arrays) the arrays are read-only
+  views of the memory-mapped objects: nothing is copied, and the checksum pass reads the
+  pages through the page cache.
+
+Only the segments of the requested arrays are read (a partial restore reads only what it
+needs, up to the small read-ahead that merges nearby pieces of one pack).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, wait
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import xxhash
 
+from ._dtypes import dtype_from_name
 from ._errors import CorruptCheckpointError
-from ._manifest import Manifest, Segment, checksum
+from ._manifest import CODEC_NONE, ArrayTable, Manifest, checksum
 from ._storage import MissingFileError, ShortReadError, Storage
-from ._tree import dtype_for
 
 __all__ = ["read_arrays", "verify_manifest"]
 
 _COALESCE_LIMIT = 256 << 20  # read a packed object's span at once up to this size
+_GAP_LIMIT = 1 << 20  # ... and only if it reads at most this much (or 2x) unwanted data
+_MAX_IOV = 1024
 
 
-@dataclass
 class _Piece:
-    segment: Segment
-    dest: memoryview  # where the bytes go (uint8, exactly segment.length)
-    array: int
+    """Segment ``seg`` of array ``array``: its bytes go to ``dest`` (or, if ``dest`` is
+    ``None``, a buffer is made for them, ideally a view of the object's span)."""
+
+    __slots__ = ("array", "dest", "got", "seg")
+
+    def __init__(self, seg: int, dest: memoryview | None, array: int) -> None:
+        self.seg = seg
+        self.dest = dest
+        self.array = array
+        self.got: np.ndarray[Any, Any] | None = None
 
 
-def _u8(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return a.reshape(-1).view(np.uint8)
+def _dtype(name: str) -> np.dtype[Any]:
+    dt = dtype_from_name(name)
+    assert dt is not None  # manifests are validated on read
+    return dt
 
 
-def _dest_for(
-    entry_dtype: np.dtype[Any], shape: tuple[int, ...], target: np.ndarray[Any, Any] | None
-) -> tuple[np.ndarray[Any, Any], bool]:
-    """The array to read into, and whether it is the target itself."""
-    if target is not None and target.flags.c_contiguous and target.flags.writeable and target.dtype == entry_dtype:
-        return target, True
-    return np.empty(shape, dtype=entry_dtype), False
+def _bytes_of(a: np.ndarray[Any, Any]) -> memoryview:
+    """The bytes of C-contiguous ``a`` as a flat writable ``B`` memoryview (no copy)."""
+    try:
+        return memoryview(a).cast("B")  # type: ignore[arg-type]
+    except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
+        return a.reshape(-1).view(np.uint8).data
 
 
-def _read_object(storage: Storage, name: str, pieces: list[_Piece], problems: list[tuple[int, str]]) -> None:
-    pieces.sort(key=lambda p: p.segment.offset)
-    start = pieces[0].segment.offset
-    end = max(p.segment.offset + p.segment.length for p in pieces)
-    wanted = sum(p.segment.length for p in pieces)
-    if len(pieces) > 1 and end - start <= max(2 * wanted, 1 << 20) and end - start <= _COALESCE_LIMIT:
-        span = np.empty(end - start, dtype=np.uint8)
-        storage.read_object_into(name, start, span.data)
-        for p in pieces:
-            lo = p.segment.offset - start
-            p.dest[:] = span.data[lo : lo + p.segment.length]
-    else:
-        for p in pieces:
-            storage.read_object_into(name, p.segment.offset, p.dest)
+def _decompress(frame: Any, length: int) -> bytes:
+    import zstandard  # only compressed checkpoints need the optional dependency
+
+    size = zstandard.frame_content_size(frame)
+    if size != length:  # never let a hostile frame choose the allocation
+        raise ValueError(f"frame declares {size} bytes, the manifest {length}")
+    out: bytes = zstandard.ZstdDecompressor().decompress(frame, max_output_size=length)
+    if len(out) != length:
+        raise ValueError(f"frame holds {len(out)} bytes, the manifest says {length}")
+    return out
+
+
+class _ObjectRead:
+    """Reads the requested pieces of one object and checks them."""
+
+    def __init__(self, storage: Storage, table: ArrayTable, name: str, pieces: list[_Piece], mmap: bool) -> None:
+        self.storage = storage
+        self.t = table
+        self.name = name
+        self.pieces = pieces
+        self.mmap = mmap
+        self.problems: list[tuple[int, str]] = []
+
+    def _damaged(self, p: _Piece, what: str) -> None:
+        off, st = self.t.offsets[p.seg], self.t.stored[p.seg]
+        self.problems.append((p.array, f"object {self.name} bytes {off}..{off + st} {what}"))
+
+    def run(self) -> None:
+        t, pieces = self.t, self.pieces
+        offsets, stored = t.offsets, t.stored
+        pieces.sort(key=lambda p: offsets[p.seg])
+        raw: list[tuple[_Piece, Any]] = []  # (piece, its stored bytes) once read
+        mapped = _map_object(self.storage, self.name) if self.mmap else None
+        if mapped is not None:
+            for p in pieces:
+                off = offsets[p.seg]
+                raw.append((p, np.frombuffer(mapped, np.uint8, stored[p.seg], off)))
+        else:
+            start = offsets[pieces[0].seg]
+            end = max(offsets[p.seg] + stored[p.seg] for p in pieces)
+            wanted = sum(stored[p.seg] for p in pieces)
+            span_ok = len(pieces) > 1 and end - start <= max(2 * wanted, _GAP_LIMIT) and end - start <= _COALESCE_LIMIT
+            direct = all(p.dest is not None and t.codecs[p.seg] == CODEC_NONE for p in pieces)
+            if span_ok and direct and _no_overlap(pieces, offsets, stored):
+                self._scatter(start, end)
+                raw = [(p, p.dest) for p in pieces]
+            elif span_ok:
+                span = np.empty(end - start, dtype=np.uint8)
+                self.storage.read_object_into(self.name, start, span.data)
+                raw = [(p, span[offsets[p.seg] - start : offsets[p.seg] - start + stored[p.seg]]) for p in pieces]
+            else:
+                for p in pieces:
+                    if p.dest is not None and t.codecs[p.seg] == CODEC_NONE:
+                        self.storage.read_object_into(self.name, offsets[p.seg], p.dest)
+                        raw.append((p, p.dest))
+                    else:
+                        buf = np.empty(stored[p.seg], dtype=np.uint8)
+                        self.storage.read_object_into(self.name, offsets[p.seg], buf.data)
+                        raw.append((p, buf))
+        digest_of, sums, codecs = xxhash.xxh3_128_hexdigest, t.checksums, t.codecs
+        for p, data in raw:
+            if data is p.dest and data is not None and codecs[p.seg] == CODEC_NONE:  # in place: check
+                if digest_of(data) != sums[p.seg]:
+                    self._damaged(p, "fail their checksum")
+            else:
+                self._finish(p, data)
+
+    def _scatter(self, start: int, end: int) -> None:
+        offsets, stored = self.t.offsets, self.t.stored
+        bufs: list[memoryview] = []
+        pos = start
+        sink: memoryview | None = None
+        for p in self.pieces:
+            gap = offsets[p.seg] - pos
+            if gap:
+                if sink is None or sink.nbytes < gap:
+                    sink = memoryview(bytearray(max(gap, 4096)))
+                bufs.append(sink[:gap])
+            assert p.dest is not None
+            bufs.append(p.dest)
+            pos = offsets[p.seg] + stored[p.seg]
+        read_scatter(self.storage, self.name, start, bufs)
+
+    def _finish(self, p: _Piece, data: Any) -> None:
+        t, j = self.t, p.seg
+        if t.codecs[j] != CODEC_NONE:
+            try:
+                data = _decompress(data, t.lengths[j])
+            except Exception as exc:  # any codec error on damaged bytes is corruption
+                self._damaged(p, f"do not decompress ({exc})")
+                return
+        if checksum(data) != t.checksums[j]:
+            self._damaged(p, "fail their checksum")
+            return
+        if p.dest is None:  # decompressed bytes are copied: restored arrays are writable
+            p.got = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8).copy()
+        elif data is not p.dest:
+            p.dest[:] = data if not isinstance(data, np.ndarray) else data.data
+
+
+def _no_overlap(pieces: list[_Piece], offsets: list[int], stored: list[int]) -> bool:
+    pos = -1
     for p in pieces:
-        if checksum(p.dest) != p.segment.checksum:
-            problems.append(
-                (
-                    p.array,
-                    f"object {name} bytes {p.segment.offset}..{p.segment.offset + p.segment.length} "
-                    "fail their checksum",
-                )
-            )
+        if offsets[p.seg] < pos:
+            return False
+        pos = offsets[p.seg] + stored[p.seg]
+    return True
+
+
+def _map_object(storage: Storage, name: str) -> Any:
+    """A read-only mapping of the object, or ``None`` when the backend cannot map."""
+    fn = getattr(storage, "map_object", None)
+    return fn(name) if fn is not None else None
+
+
+def read_scatter(storage: Storage, name: str, offset: int, buffers: list[memoryview]) -> None:
+    """Fill ``buffers`` with consecutive bytes of object ``name`` from ``offset``.
+
+    Uses the backend's ``read_object_scatter`` when it has one (one ``preadv`` per 1024
+    buffers on a local disk); otherwise reads the span once and copies.
+    """
+    fn = getattr(storage, "read_object_scatter", None)
+    if fn is not None:
+        fn(name, offset, buffers)
+        return
+    total = sum(b.nbytes for b in buffers)
+    span = memoryview(bytearray(total))
+    storage.read_object_into(name, offset, span)
+    pos = 0
+    for b in buffers:
+        b[:] = span[pos : pos + b.nbytes]
+        pos += b.nbytes
+
+
+def _raise_problems(problems: list[str], step: int, where: str) -> None:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    raise CorruptCheckpointError(
+        f"checkpoint step {step} at {where} is corrupt: {shown}. Restore an earlier step "
+        "(restore() without a step falls back automatically) or run `pitstop verify`.",
+        path=where,
+        step=step,
+        problems=problems,
+    )
 
 
 def _run(
     storage: Storage,
+    table: ArrayTable,
     by_object: Mapping[str, list[_Piece]],
     pool: Executor,
     describe: Callable[[int], str],
     where: str,
     step: int,
+    mmap: bool,
 ) -> None:
     problems: list[tuple[int, str]] = []
 
     def task(name: str, pieces: list[_Piece]) -> None:
+        job = _ObjectRead(storage, table, name, pieces, mmap)
         try:
-            _read_object(storage, name, pieces, problems)
+            job.run()
         except MissingFileError:
             for p in pieces:
                 problems.append((p.array, f"object {name} is missing (or a symbolic link)"))
         except ShortReadError:
             for p in pieces:
                 problems.append((p.array, f"object {name} is truncated"))
+        problems.extend(job.problems)
 
-    futures = [pool.submit(task, n, ps) for n, ps in by_object.items()]
-    wait(futures)  # no read may still be filling the caller's arrays once this returns
-    for f in futures:
-        f.result()
+    if len(by_object) == 1:  # one pack: no thread hand-off
+        ((name, ps),) = by_object.items()
+        task(name, ps)
+    else:
+        futures = [pool.submit(task, n, ps) for n, ps in by_object.items()]
+        wait(futures)  # no read may still be filling the caller's arrays once this returns
+        for f in futures:
+            f.result()
     if problems:
-        lines = sorted({f"{describe(i)}: {msg}" for i, msg in problems})
-        shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
-        raise CorruptCheckpointError(
-            f"checkpoint step {step} at {where} is corrupt: {shown}. Restore an earlier step "
-            "(restore() without a step falls back automatically) or run `pitstop verify`.",
-            path=where,
-            step=step,
-            problems=lines,
-        )
+        _raise_problems(sorted({f"{describe(i)}: {msg}" for i, msg in problems}), step, where)
 
 
 def _check_objects(storage: Storage, manifest: Manifest, requests: Mapping[int, Any], where: str) -> None:
@@ -114,10 +254,17 @@ def _check_objects(storage: Storage, manifest: Manifest, requests: Mapping[int, 
     A hostile manifest could otherwise claim a terabyte array and make the reader
     allocate it; with this check it needs a terabyte file on disk first.
     """
+    t = manifest.arrays
     needed: dict[str, int] = {}
-    for i in requests:
-        for seg in manifest.arrays[i].segments:
-            needed[seg.object] = max(needed.get(seg.object, 0), seg.offset + seg.length)
+    if len(requests) == len(t):
+        segs: Any = range(t.segment_count)
+    else:
+        segs = (j for i in requests for j in range(t.starts[i], t.starts[i + 1]))
+    for j in segs:
+        end = t.offsets[j] + t.stored[j]
+        o = t.objects[j]
+        if needed.get(o, -1) < end:
+            needed[o] = end
     problems = []
     for name, end in sorted(needed.items()):
         size = storage.object_size(name)
@@ -126,14 +273,7 @@ def _check_objects(storage: Storage, manifest: Manifest, requests: Mapping[int, 
         elif size < end:
             problems.append(f"object {name} has {size} bytes, {end} are referenced (truncated)")
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CorruptCheckpointError(
-            f"checkpoint step {manifest.step} at {where} is corrupt: {shown}. Restore an earlier step "
-            "(restore() without a step falls back automatically) or run `pitstop verify`.",
-            path=where,
-            step=manifest.step,
-            problems=problems,
-        )
+        _raise_problems(problems, manifest.step, where)
 
 
 def read_arrays(
@@ -143,8 +283,14 @@ def read_arrays(
     pool: Executor,
     describe: Callable[[int], str],
     where: str,
+    *,
+    mmap: bool = False,
 ) -> dict[int, np.ndarray[Any, Any]]:
     """Read the requested arrays; into the given target where it fits, else fresh.
+
+    Args:
+        mmap: Arrays without a target that are stored in one uncompressed segment become
+            read-only views of the memory-mapped object (backends that can map only).
 
     Returns:
         Array index -> the array holding the restored data (the target when given).
@@ -153,21 +299,39 @@ def read_arrays(
         CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
     """
     _check_objects(storage, manifest, requests, where)
+    t = manifest.arrays
+    starts, lengths, objects = t.starts, t.lengths, t.objects
     out: dict[int, np.ndarray[Any, Any]] = {}
     copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+    fresh: list[tuple[int, _Piece]] = []  # arrays made from their one piece's buffer
     by_object: dict[str, list[_Piece]] = defaultdict(list)
     for i, target in requests.items():
-        entry = manifest.arrays[i]
-        dest, direct = _dest_for(dtype_for(entry), entry.shape, target)
-        if target is not None and not direct:
-            copies.append((target, dest))
+        first, last = starts[i], starts[i + 1]
+        if target is None and last - first == 1:
+            p = _Piece(first, None, i)
+            by_object[objects[first]].append(p)
+            fresh.append((i, p))
+            continue
+        dtype = _dtype(t.dtypes[i])
+        if target is not None and target.flags.c_contiguous and target.flags.writeable and target.dtype == dtype:
+            dest = target
+        else:
+            dest = np.empty(t.shapes[i], dtype=dtype)
+            if target is not None:
+                copies.append((target, dest))
         out[i] = target if target is not None else dest
-        view = _u8(dest).data
+        if first == last:
+            continue
+        view = _bytes_of(dest)
         pos = 0
-        for seg in entry.segments:
-            by_object[seg.object].append(_Piece(seg, view[pos : pos + seg.length], i))
-            pos += seg.length
-    _run(storage, by_object, pool, describe, where, manifest.step)
+        for j in range(first, last):
+            n = lengths[j]
+            by_object[objects[j]].append(_Piece(j, view[pos : pos + n], i))
+            pos += n
+    _run(storage, t, by_object, pool, describe, where, manifest.step, mmap)
+    for i, p in fresh:
+        assert p.got is not None
+        out[i] = p.got.view(_dtype(t.dtypes[i])).reshape(t.shapes[i])
     for target, dest in copies:
         np.copyto(target, dest, casting="unsafe")
     return out
@@ -188,14 +352,12 @@ def verify_manifest(
             problems.append(f"object {name} is missing")
         elif actual != size:
             problems.append(f"object {name} has {actual} bytes, the manifest says {size}")
-    by_array: Iterable[int] = range(len(manifest.arrays))
-    requests: dict[int, np.ndarray[Any, Any] | None] = {i: None for i in by_array}
     # read in bounded batches so verifying a huge checkpoint does not need its size in RAM
     batch: dict[int, np.ndarray[Any, Any] | None] = {}
     batch_bytes = 0
-    for i in requests:
+    for i, n in enumerate(manifest.arrays.nbytes):
         batch[i] = None
-        batch_bytes += manifest.arrays[i].nbytes
+        batch_bytes += n
         if batch_bytes >= 512 << 20:
             problems += _verify_batch(storage, manifest, batch, pool, describe, where)
             batch, batch_bytes = {}, 0

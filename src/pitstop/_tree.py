@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -317,7 +317,7 @@ def node_arrays(node: dict[str, Any]) -> list[int]:
     return [i for c in children for i in node_arrays(c)]
 
 
-def _describe_node(node: dict[str, Any], entries: list[ArrayEntry]) -> str:
+def _describe_node(node: dict[str, Any], entries: Sequence[ArrayEntry]) -> str:
     ((kind, body),) = node.items()
     if kind in ("array", "scalar"):
         e = entries[body]
@@ -373,7 +373,7 @@ class RestorePlan:
 
 
 class _Planner:
-    def __init__(self, entries: list[ArrayEntry], plan: RestorePlan) -> None:
+    def __init__(self, entries: Sequence[ArrayEntry], plan: RestorePlan) -> None:
         self.entries = entries
         self.plan = plan
 
@@ -525,7 +525,9 @@ def _setter(container: Any, key: Any, resolver: Resolver) -> Callable[[Mapping[i
     return fix
 
 
-def plan_restore(node: dict[str, Any], target: Any, entries: list[ArrayEntry]) -> tuple[RestorePlan, Resolver | None]:
+def plan_restore(
+    node: dict[str, Any], target: Any, entries: Sequence[ArrayEntry]
+) -> tuple[RestorePlan, Resolver | None]:
     """Plan restoring a saved tree ``node`` into ``target`` without modifying anything.
 
     Returns:

@@ -46,20 +46,37 @@ def restore_with(good: tuple[Path, dict[str, Any]], tmp: Path, manifest: bytes) 
             mgr.verify()
 
 
+EMPTY_ARRAYS: dict[str, list[Any]] = {"dtype": [], "shape": [], "segments": []}
+EMPTY_SEGMENTS: dict[str, list[Any]] = {k: [] for k in ("object", "offset", "length", "checksum", "stored", "codec")}
+
 MUTATIONS: list[tuple[str, Any]] = [
-    ("arrays.0.dtype", "object"),
-    ("arrays.0.dtype", "<U5"),
-    ("arrays.0.dtype", 5),
-    ("arrays.0.shape", [-1]),
-    ("arrays.0.shape", [10**15, 10**15]),
-    ("arrays.0.shape", "10"),
-    ("arrays.0.segments.0.0", "../../etc/passwd"),
-    ("arrays.0.segments.0.0", "/etc/passwd"),
-    ("arrays.0.segments.0.1", -5),
-    ("arrays.0.segments.0.1", 10**12),
-    ("arrays.0.segments.0.2", 0),
-    ("arrays.0.segments.0.2", 1.5),
-    ("arrays.0.segments.0.3", "zz"),
+    ("arrays.dtype.0", "object"),
+    ("arrays.dtype.0", "<U5"),
+    ("arrays.dtype.0", 5),
+    ("arrays.shape.0", [-1]),
+    ("arrays.shape.0", [10**15, 10**15]),
+    ("arrays.shape.0", "10"),
+    ("arrays.segments.0", 2),
+    ("arrays.segments.0", -1),
+    ("arrays.segments", [1]),
+    ("segments.object.0", "../../etc/passwd"),
+    ("segments.object.0", "/etc/passwd"),
+    ("segments.object.0", 99),
+    ("segments.object.0", -1),
+    ("segments.offset.0", -5),
+    ("segments.offset.0", 10**12),
+    ("segments.length.0", 0),
+    ("segments.length.0", 1.5),
+    ("segments.length.0", True),
+    ("segments.checksum.0", "zz"),
+    ("segments.stored.0", 0),
+    ("segments.stored.0", 8),
+    ("segments.codec.0", 7),
+    ("segments.codec.0", 1),
+    ("segments.offset", [0]),
+    ("objects.name.0", "../x"),
+    ("objects.name", ["f" * 32, "0" * 32]),
+    ("objects.size.0", 1),
     ("tree", {"array": 99}),
     ("tree", {"eval": "__import__('os').system('touch /tmp/pwned')"}),
     ("tree", {"dict": {"a": {"array": 0}, "b": {"array": 0}}}),
@@ -127,12 +144,13 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    field=st.sampled_from(["tree", "arrays", "objects", "metrics", "metadata", "versions", "rng", "step"]),
+    field=st.sampled_from(["tree", "arrays", "segments", "objects", "metrics", "metadata", "versions", "rng", "step"]),
     value=json_values,
 )
 def test_decoder_rejects_or_accepts_any_field_value(field: str, value: Any) -> None:
     body = {"format_version": 1, "hash": "xxh3-128", "step": 1, "time": 0.0, "tree": {"dict": {}}, "rng": None,
-            "arrays": [], "objects": {}, "metrics": {}, "metadata": {}, "versions": {}}  # fmt: skip
+            "arrays": EMPTY_ARRAYS, "segments": EMPTY_SEGMENTS, "objects": {"name": [], "size": []},
+            "metrics": {}, "metadata": {}, "versions": {}}  # fmt: skip
     body[field] = value
     with contextlib.suppress(pitstop.CorruptCheckpointError):
         decode_manifest(envelope(body), where="fuzz", step=1)
@@ -152,17 +170,19 @@ def test_symlinked_object_is_not_followed(good: tuple[Path, dict[str, Any]], tmp
 
 def test_huge_claimed_array_is_refused_before_allocation(good: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     body = json.loads(json.dumps(good[1]))
-    obj = body["arrays"][0]["segments"][0][0]
+    obj = body["segments"]["object"][0]
     huge = 1 << 43  # 8 TiB of float64 claimed by a hostile manifest
-    body["arrays"][0]["shape"] = [huge // 8]
-    body["arrays"][0]["segments"] = [[obj, 0, huge, "0" * 32]]
-    body["objects"][obj] = huge
+    body["arrays"]["shape"][0] = [huge // 8]
+    body["segments"]["offset"][0] = 0
+    body["segments"]["length"][0] = body["segments"]["stored"][0] = huge
+    body["objects"]["size"][obj] = huge
     restore_with(good, tmp_path, envelope(body))  # CorruptCheckpointError, no MemoryError
 
 
 def test_overflowing_number_is_rejected() -> None:
     body = {"format_version": 1, "hash": "xxh3-128", "step": 1, "time": 0.0, "tree": {"dict": {}}, "rng": None,
-            "arrays": [], "objects": {}, "metrics": {}, "metadata": {}, "versions": {}}  # fmt: skip
+            "arrays": EMPTY_ARRAYS, "segments": EMPTY_SEGMENTS, "objects": {"name": [], "size": []},
+            "metrics": {}, "metadata": {}, "versions": {}}  # fmt: skip
     raw = json.dumps(body, separators=(",", ":")).replace('"time":0.0', '"time":1e999').encode()
     with pytest.raises(pitstop.CorruptCheckpointError, match="infinity"):
         decode_manifest(envelope(raw), where="x", step=1)
