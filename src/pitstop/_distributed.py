@@ -39,7 +39,7 @@ from ._errors import CheckpointError, CorruptCheckpointError, StateMismatchError
 from ._manifest import ArrayEntry, ArrayTable, Manifest, Segment, decode_manifest, encode_manifest, manifest_name
 from ._storage import Storage
 from ._tree import FlatState, display_path, walk_nodes
-from ._writer import DedupIndex, SaveStats, _versions, write_checkpoint
+from ._writer import Compression, DedupIndex, SaveStats, _versions, write_checkpoint
 
 __all__ = [
     "PER_RANK_TYPE",
@@ -218,6 +218,7 @@ def write_part(
     rank: int,
     world_size: int,
     index: DedupIndex,
+    compression: Compression | None = None,
 ) -> tuple[Manifest, SaveStats]:
     """Write the arrays rank ``rank`` owns, then its part file (see module docstring).
 
@@ -241,7 +242,14 @@ def write_part(
     )
     capture = _CapturingStorage(storage)
     written, stats = write_checkpoint(
-        cast(Storage, capture), pool, step=step, flat=sub, metrics={}, metadata={}, index=index
+        cast(Storage, capture),
+        pool,
+        step=step,
+        flat=sub,
+        metrics={},
+        metadata={},
+        index=index,
+        compression=compression,
     )  # the storage is the real one except for publish_manifest (duck-typed, see the class)
     assert capture.manifest is not None
     local = {i: e for i, e in zip(owned, written.arrays, strict=True)}

@@ -485,7 +485,7 @@ class CheckpointManager:
                 index = self._dedup_index()
                 written, stats = _dist.write_part(
                     self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
-                    index=index,
+                    index=index, compression=codec,
                 )  # fmt: skip
                 index.add(written)
         except Exception as exc:  # every rank must reach the barrier, failed or not

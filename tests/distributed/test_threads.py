@@ -254,3 +254,21 @@ def test_rank0_keeps_its_part_in_memory_other_ranks_write_theirs(tmp_path: Path)
         )
         np.testing.assert_array_equal(tree["w"], _state(0)["w"])
     assert mgr.verify() == [1, 2]
+
+
+def test_compression_applies_to_every_ranks_share(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+
+    def save(coord: ThreadCoordinator) -> None:
+        with pitstop.CheckpointManager(d, coordinator=coord, compression="zstd", capture_rng=False) as mgr:
+            mgr.save(1, _state(coord.rank))
+
+    _ok(run_ranks(2, save))
+    raw = json.loads((d / "manifests" / "00000000000000000001.json").read_bytes())
+    segments = raw["manifest"]["segments"]
+    assert 1 in segments["codec"]  # the zero-padded aranges and constant arrays compress
+    assert sum(segments["stored"]) < sum(segments["length"])
+    with pitstop.CheckpointManager(d) as mgr:
+        _, tree = mgr.restore()
+    np.testing.assert_array_equal(tree["w"], np.arange(300_000, dtype=np.float32))
+    assert tree["data"]["1"]["seed"] == 1
