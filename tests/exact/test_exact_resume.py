@@ -6,11 +6,12 @@ uninterrupted run. The protocol and the checks are in harness.py.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from .harness import check_variant
+from .harness import assert_same_training, check_variant, run_once
 
 HERE = Path(__file__).parent
 FIT_WORKER = HERE.parent / "tf_adapter" / "fit_worker.py"
@@ -40,3 +41,21 @@ def test_torch_loop_resumes_bit_identically(tmp_path: Path) -> None:
     DataOrderSampler with two prefetching DataLoader workers, Adam + StepLR."""
     pytest.importorskip("torch")
     check_variant(tmp_path, HERE / "torch_worker.py", ["--steps", "64"], total_steps=64, kills=KILLS, seed=3)
+
+
+def test_the_harness_catches_a_resume_that_loses_an_rng(tmp_path: Path) -> None:
+    """Negative control: the torch loop without RNG capture resumes with other dropout
+    masks, and the comparison says at which step the losses part."""
+    pytest.importorskip("torch")
+    base = [sys.executable, "-u", str(HERE / "torch_worker.py"), "--steps", "16", "--no-capture-rng"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_once([*base, str(ref), "--losses", str(ref / "losses.txt")], tmp_path / "log", None)[0] == "done"
+    # killed at step 10: save 8 has started, so save 6 is committed (a save waits for the previous)
+    status, _ = run_once(
+        [*base, str(run), "--losses", str(run / "losses.txt")], tmp_path / "log", lambda r: ("step", 10, 10)
+    )
+    assert status == "killed"
+    status, record = run_once([*base, str(run), "--losses", str(run / "losses.txt")], tmp_path / "log", None)
+    assert status == "done" and record.restored >= 6
+    with pytest.raises(AssertionError, match=r"step \d+: loss .* after a resume"):
+        assert_same_training(ref, run, 16)

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-capture-rng", action="store_true", help="the harness's negative control")
     args = parser.parse_args()
     os.makedirs(args.directory, exist_ok=True)
 
@@ -70,7 +71,11 @@ def main() -> None:
 
     state = {"model": model, "optimizer": opt, "schedule": sched, "data": sampler}
     mgr = pitstop.CheckpointManager(
-        os.path.join(args.directory, "ckpt"), max_to_keep=2, save_interval_steps=args.save_every, async_save=True
+        os.path.join(args.directory, "ckpt"),
+        max_to_keep=2,
+        save_interval_steps=args.save_every,
+        async_save=True,
+        capture_rng=not args.no_capture_rng,
     )
     step = mgr.restore_or_initialize(state)
     print(f"restored {step}" if step else "fresh", flush=True)
