@@ -61,11 +61,13 @@ def test_batches_follow_the_order_epoch_by_epoch(drop_last: bool) -> None:
     assert order.epoch == (3 if drop_last else 2)  # 4 (or 5) batches per epoch
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_with_prefetching_workers_continues_with_the_next_batch(tmp_path: Path, num_workers: int) -> None:
+@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_resume_with_prefetching_workers_continues_with_the_next_batch(
+    tmp_path: Path, num_workers: int, persistent: bool
+) -> None:
     kw: dict[str, Any] = {"num_workers": num_workers}
-    if num_workers:
-        kw["prefetch_factor"] = 3  # the workers run up to 6 batches ahead of the loop
+    if num_workers:  # the workers run up to 6 batches ahead of the loop
+        kw.update(prefetch_factor=3, persistent_workers=persistent)
     expected = run(DataOrderSampler(DataOrder(N, seed=5), batch_size=6), 20, **kw)
     for cut in (3, 7, 13):  # mid-epoch, at an epoch edge (7 batches per epoch), later
         sampler = DataOrderSampler(DataOrder(N, seed=5), batch_size=6)
