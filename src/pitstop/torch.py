@@ -258,6 +258,12 @@ def _to_torch(value: Any) -> Any:
         return t
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, list):  # e.g. LBFGS keeps lists of direction tensors
+        return [_to_torch(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_torch(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
     return value
 
 

@@ -298,3 +298,30 @@ def test_async_save_snapshots_tensors_before_training_moves_on(tmp_path: Path) -
         w.add_(1.0)  # in place, while the save may still be writing
     with pitstop.CheckpointManager(tmp_path / "c") as mgr:
         assert float(mgr.restore()[1]["w"].sum()) == 0.0
+
+
+def test_lbfgs_state_with_lists_of_tensors_restores_into_a_fresh_optimizer(tmp_path: Path) -> None:
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Linear(3, 1)
+        return m, torch.optim.LBFGS(m.parameters(), lr=0.5, history_size=3)
+
+    x, y = torch.randn(16, 3, generator=torch.Generator().manual_seed(1)), torch.randn(16, 1)
+
+    def steps(m: nn.Module, o: torch.optim.Optimizer, n: int) -> list[float]:
+        def closure() -> torch.Tensor:
+            o.zero_grad()
+            loss = nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+
+        return [float(o.step(closure).detach()) for _ in range(n)]
+
+    model, opt = make()
+    steps(model, opt, 2)
+    pitstop.save(tmp_path / "c", {"model": model, "opt": opt})
+    expected = steps(model, opt, 2)
+    model2, opt2 = make()
+    pitstop.restore(tmp_path / "c", {"model": model2, "opt": opt2})
+    assert isinstance(opt2.state[model2.weight]["old_dirs"][0], torch.Tensor)
+    assert steps(model2, opt2, 2) == expected
