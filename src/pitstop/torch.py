@@ -14,8 +14,8 @@ program that imported torch), so a state can hold:
 - ``torch.optim.Optimizer``: per-parameter state tensors and ``param_groups`` as JSON
   values. A fresh optimizer whose state is still empty (``restore_or_initialize`` before
   the first step) is filled through ``Optimizer.load_state_dict``, exactly as torch does;
-- LR schedulers (anything with ``state_dict()``/``load_state_dict()`` holding JSON values,
-  handled by the core);
+- LR schedulers (``LRScheduler`` subclasses and ``ReduceLROnPlateau``; chained ones too):
+  their state dict of JSON values, handed back to ``load_state_dict``;
 - ``torch.Generator`` objects (their ``get_state()`` bytes).
 
 Design reason: the adapter converts torch objects to NumPy views and hands them to the

@@ -149,13 +149,15 @@ def run_interrupted(cmd: list[str], log: Path, *, kills: int, seed: int, total_s
 
     def planner(restored: int) -> Plan:
         remaining = kills - len(out.kills)
-        room = total_steps - 1 - restored  # the last step a killed run may reach, past its restore
-        span = max(1, min(2 * room // remaining, room))
+        room = total_steps - 1 - restored  # steps past the restore a killed run may reach
+        # leave a step for each later kill, so that no planned run can reach the end
+        cap = max(1, room - (remaining - 1))
+        span = max(1, min(2 * room // remaining, cap))
         mode = rng.choice(["step", "step", "save", "save", "time"])
         if mode == "time":
             return (mode, rng.uniform(0.01, 0.5), span)
         k = rng.randint(1, span)
-        return (mode, k, k if mode == "step" else max(1, min(span + 3, room)))
+        return (mode, k, k if mode == "step" else max(1, min(span + 3, cap)))
 
     while True:
         status, record = run_once(cmd, log, planner if len(out.kills) < kills else None)

@@ -1,4 +1,7 @@
-"""PyTorch tests: skipped when the torch extra is not installed; single-threaded ops."""
+"""PyTorch tests: skipped when the torch extra is not installed; seeded.
+
+(Why tests/conftest.py imports triton before anything imports TensorFlow: see there.)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,5 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> None:
+def _seeded() -> None:
     torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
