@@ -20,19 +20,19 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from ._order import DataOrder
 from ._split import split
 from ._tf import tf_dataset
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._torch import DataOrderSampler
 
 __all__ = ["DataOrder", "DataOrderSampler", "split", "tf_dataset"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name == "DataOrderSampler":  # imports torch: only on first use
         from ._torch import DataOrderSampler
 
