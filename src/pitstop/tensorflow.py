@@ -254,15 +254,27 @@ def _tf_rng_restore(s: Any) -> None:
 
 
 def _keras_rng_capture() -> Any:
-    from keras.src.random.seed_generator import global_seed_generator
+    # read the global attribute: global_seed_generator() would create the generator, and
+    # an unseeded SeedGenerator draws its seed from Python's `random` -- capturing would
+    # then change the RNG stream it just captured
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 
-    return {"state": np.asarray(global_seed_generator().state.numpy())}
+    gen = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    return {"state": None if gen is None else np.asarray(gen.state.numpy())}
 
 
 def _keras_rng_restore(s: Any) -> None:
-    from keras.src.random.seed_generator import global_seed_generator
+    from keras.src.backend.common import global_state
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 
-    global_seed_generator().state.assign(np.asarray(s["state"]))
+    if s.get("state") is None:
+        return
+    gen = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    if gen is None:  # a fresh process: create it seeded, drawing nothing from Python's random
+        gen = _SeedGenerator(seed=0)
+        global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, gen)
+    gen.state.assign(np.asarray(s["state"]))
 
 
 register_adapter(_adapter)

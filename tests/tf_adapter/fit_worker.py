@@ -1,9 +1,12 @@
 """A training script made resumable by pitstop.keras.Checkpoint, run (and killed) by tests.
 
 Usage: python -u fit_worker.py DIR --inputs {tfdata,numpy} [--epochs E] [--save-freq N]
-[--delay S]. It prints ``batch EPOCH BATCH GLOBAL LOSS`` after every trained batch
-(batches a resumed run skips are not printed), ``restored STEP`` when it resumed, and
-``done`` at the end, after writing the final weights to DIR/final.npz.
+[--delay S] [--losses FILE]. It prints ``batch EPOCH BATCH GLOBAL LOSS`` after every
+trained batch (batches a resumed run skips are not printed), ``restored STEP`` when it
+resumed (``fresh`` when it did not), ``save-start STEP`` right after the callback started
+a save, and ``done`` at the end, after writing the final weights to DIR/final.npz. With
+``--losses`` it also appends ``GLOBAL LOSS`` lines to FILE (the protocol of
+tests/exact/harness.py, which SIGKILLs this script at random moments).
 """
 
 from __future__ import annotations
@@ -53,15 +56,22 @@ def augment(example: Any, seed: Any) -> Any:
 
 
 class Report(keras.callbacks.Callback):  # type: ignore[misc]
-    def __init__(self, ckpt: pitstop.keras.Checkpoint, delay: float) -> None:
+    def __init__(self, ckpt: pitstop.keras.Checkpoint, delay: float, losses: Any) -> None:
         super().__init__()
         self.ckpt = ckpt
         self.delay = delay
+        self.losses = losses
         self.epoch = 0
 
     def on_train_begin(self, logs: Any = None) -> None:
         if self.ckpt.restored_step is not None:
             print("restored", self.ckpt.restored_step, flush=True)
+        else:
+            print("fresh", flush=True)
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        # the Checkpoint callback (listed first) has just started its epoch-end save
+        print("save-start", (epoch + 1) * BATCHES_PER_EPOCH, flush=True)
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self.epoch = epoch
@@ -70,7 +80,12 @@ class Report(keras.callbacks.Callback):  # type: ignore[misc]
         if self.ckpt.skipping:
             return
         step = self.epoch * BATCHES_PER_EPOCH + batch + 1
+        if self.losses is not None:
+            self.losses.write(f"{step} {float(logs['loss'])!r}\n")
+            self.losses.flush()
         print("batch", self.epoch, batch, step, repr(float(logs["loss"])), flush=True)
+        if self.ckpt.save_freq != "epoch" and step % self.ckpt.save_freq == 0:
+            print("save-start", step, flush=True)
         time.sleep(self.delay)
 
 
@@ -81,9 +96,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--save-freq", type=int, default=3)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--losses", default=None)
     args = parser.parse_args()
     os.makedirs(args.directory, exist_ok=True)
 
+    tf.config.threading.set_inter_op_parallelism_threads(1)  # before TensorFlow runs any op
+    tf.config.threading.set_intra_op_parallelism_threads(1)
     keras.utils.set_random_seed(0)
     tf.config.experimental.enable_op_determinism()
     x, y = data()
@@ -97,7 +115,11 @@ def main() -> None:
     else:
         ckpt = pitstop.keras.Checkpoint(ckpt_dir, save_freq=args.save_freq)
         fit_args = {"x": x, "y": y, "batch_size": BATCH_SIZE}
-    m.fit(**fit_args, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[ckpt, Report(ckpt, args.delay)])
+    losses = open(args.losses, "a") if args.losses else None  # noqa: SIM115 - open for the whole fit
+    report = Report(ckpt, args.delay, losses)
+    m.fit(**fit_args, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[ckpt, report])
+    if losses is not None:
+        losses.close()
     np.savez(os.path.join(args.directory, "final.npz"), *m.get_weights())
     print("done", flush=True)
 

@@ -205,3 +205,31 @@ def test_tf_global_generator_is_captured(tmp_path: Path) -> None:
         tf.random.get_global_generator().reset_from_seed(77)
         mgr.restore({"x": 0})
     np.testing.assert_array_equal(tf.random.get_global_generator().normal((3,)).numpy(), expected)
+
+
+def test_rng_capture_and_restore_draw_nothing_from_pythons_random(tmp_path: Path) -> None:
+    """Capturing must not create Keras's global seed generator (an unseeded one draws its
+    seed from Python's `random`), and restoring it in a fresh process must not either."""
+    import random
+
+    import keras
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("global_seed_generator", None)  # as in a fresh process
+    random.seed(5)
+    before = random.getstate()
+    with pitstop.CheckpointManager(tmp_path / "a", async_save=False) as mgr:
+        mgr.save(1, {"x": np.zeros(2)})
+    assert random.getstate() == before
+
+    keras.random.uniform((2,))  # creates and uses the global seed generator
+    saved_py = random.getstate()
+    with pitstop.CheckpointManager(tmp_path / "b", async_save=False) as mgr:
+        mgr.save(1, {"x": np.zeros(2)})
+    expected = keras.ops.convert_to_numpy(keras.random.uniform((3,)))
+    global_state.set_global_attribute("global_seed_generator", None)  # a fresh process again
+    random.seed(99)
+    with pitstop.CheckpointManager(tmp_path / "b") as mgr:
+        mgr.restore({"x": np.zeros(2)})
+    assert random.getstate() == saved_py
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.random.uniform((3,))), expected)

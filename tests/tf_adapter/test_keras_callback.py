@@ -1,11 +1,9 @@
-"""pitstop.keras.Checkpoint: model.fit resumes exactly, in process and after SIGKILL."""
+"""pitstop.keras.Checkpoint: model.fit resumes exactly, in process.
+
+The SIGKILL counterpart (fit_worker.py killed 10+ times) is tests/exact/test_exact_resume.py."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +16,6 @@ import pitstop.data
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 pitstop_keras = pytest.importorskip("pitstop.keras")
-
-WORKER = Path(__file__).with_name("fit_worker.py")
 
 
 def data(n: int = 48) -> tuple[Any, Any]:
@@ -275,70 +271,3 @@ def test_a_finished_run_does_not_train_again(tmp_path: Path) -> None:
     assert history.history == {}
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), before, strict=True))
     assert again._initial_epoch is None  # a later fit is not affected
-
-
-# -- SIGKILL in a subprocess --------------------------------------------------------------
-
-
-def run_worker(directory: Path, *args: str, kill_after: int | None = None) -> list[str]:
-    """Run fit_worker.py; with ``kill_after``, SIGKILL it once it reports that global step."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    cmd = [sys.executable, "-u", str(WORKER), str(directory), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.strip())
-        if kill_after is not None and line.startswith("batch") and int(line.split()[3]) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.stdout.close()
-    code = proc.wait(timeout=120)
-    if kill_after is None:
-        assert code == 0, lines[-5:]
-    else:
-        assert code == -signal.SIGKILL, f"worker ended ({code}) before step {kill_after}: {lines[-5:]}"
-    return lines
-
-
-def batch_losses(lines: list[str]) -> dict[int, str]:
-    return {int(p[3]): p[4] for p in (line.split() for line in lines) if p[0] == "batch"}
-
-
-def final_weights(directory: Path) -> list[Any]:
-    with np.load(directory / "final.npz") as f:
-        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
-
-
-@pytest.mark.slow
-@pytest.mark.crash
-def test_fit_killed_repeatedly_ends_bit_identical(tmp_path: Path) -> None:
-    """SIGKILL mid-epoch (8 batches per epoch, 32 in all), rerun until done: same run.
-
-    A shuffled tf_dataset with per-example augmentation and a dropout layer; NumPy inputs
-    are covered in process by test_numpy_inputs_without_shuffle_resume_at_the_same_batch.
-    """
-    inputs, kills = "tfdata", (5, 13, 22)
-    reference = run_worker(tmp_path / "ref", "--inputs", inputs)
-    expected = batch_losses(reference)
-    assert sorted(expected) == list(range(1, 33))
-
-    seen: dict[int, str] = {}
-    restored = []
-    for step in kills:
-        lines = run_worker(tmp_path / "run", "--inputs", inputs, "--delay", "0.05", kill_after=step)
-        restored += [int(line.split()[1]) for line in lines if line.startswith("restored")]
-        for s, loss in batch_losses(lines).items():
-            assert loss == expected[s], f"batch {s}"
-            seen[s] = loss
-    lines = run_worker(tmp_path / "run", "--inputs", inputs)
-    restored += [int(line.split()[1]) for line in lines if line.startswith("restored")]
-    for s, loss in batch_losses(lines).items():
-        assert loss == expected[s], f"batch {s}"
-        seen[s] = loss
-    assert seen == expected
-    assert len(restored) == len(kills)
-    assert any(step % 8 for step in restored)  # at least one resume in the middle of an epoch
-    got, want = final_weights(tmp_path / "run"), final_weights(tmp_path / "ref")
-    assert len(got) == len(want)
-    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))

@@ -7,7 +7,9 @@ permutation of example indices epoch after epoch, with an O(1)-sized state that
 restores the exact next batch. Design reason: both are defined by pitstop's own
 integer arithmetic (documented in ``docs/data.md``), never by a framework's or NumPy's
 random stream, so they do not change when those libraries are upgraded; framework
-adapters build their datasets and samplers on top of them.
+adapters build their datasets and samplers on top of them: :func:`tf_dataset` and the
+torch batch sampler :class:`DataOrderSampler` (imported on first use, so
+``import pitstop.data`` imports neither TensorFlow nor torch).
 
 Example:
     >>> from pitstop.data import DataOrder, split
@@ -18,8 +20,25 @@ Example:
 
 from __future__ import annotations
 
+import typing as _typing
+
 from ._order import DataOrder
 from ._split import split
 from ._tf import tf_dataset
 
-__all__ = ["DataOrder", "split", "tf_dataset"]
+if _typing.TYPE_CHECKING:
+    from ._torch import DataOrderSampler
+
+__all__ = ["DataOrder", "DataOrderSampler", "split", "tf_dataset"]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name == "DataOrderSampler":  # imports torch: only on first use
+        from ._torch import DataOrderSampler
+
+        return DataOrderSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
