@@ -10,7 +10,9 @@ the first time a TensorFlow or Keras object appears in a state), so a state can 
   attributes Keras does not track;
 - Keras optimizers, with ``iterations`` and every slot variable — a fresh, not yet built
   optimizer is built for the model it belongs to before it is restored;
-- ``tf.random.Generator`` and Keras ``SeedGenerator`` states.
+- ``tf.random.Generator`` and Keras ``SeedGenerator`` states;
+- ``tf.data`` iterators (``iter(dataset)``), through TensorFlow's own iterator
+  serialization, stored as raw bytes (see ``_tf_iterator``).
 
 Arrays are named by **object path** — attribute names, list indices, layer positions —
 never by ``Variable.name``, so two variables both called "weights" never clash and a
@@ -36,6 +38,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
     raise ImportError("pitstop.tensorflow needs TensorFlow: pip install 'pitstop[tensorflow]'") from exc
 
 from ._rng import register_rng
+from ._tf_iterator import IteratorState, is_iterator
 from ._tree import Stateful, register_adapter, register_restore_hook
 
 __all__ = ["object_tree"]
@@ -183,6 +186,8 @@ class _OptimizerState:
 
 
 def _adapter(obj: object) -> Stateful | None:
+    if is_iterator(obj):
+        return IteratorState(obj)
     if _is_variable(obj):
         return _VariableState(obj)
     if isinstance(obj, _Optimizer):
