@@ -494,7 +494,10 @@ class _Planner:
             return
         stateful = None if _is_plain(target) or isinstance(target, (np.ndarray, np.generic)) else as_stateful(target)
         if stateful is not None:
-            self._missing(restore_template(stateful), path)
+            if hasattr(type(stateful), "_pitstop_restore_template"):  # opaque state: one entry
+                self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
+            else:
+                self._missing(stateful.state_dict(), path)
             return
         self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
 

@@ -173,16 +173,63 @@ class _ModelState(_TreeState):
 
 
 class _OptimizerState:
-    """A Keras optimizer: ``iterations``, the learning rate and every slot, in order."""
+    """A Keras optimizer: ``iterations``, the learning rate, and each slot named by the index
+    of the model variable it belongs to and its kind (``slots/3/velocity``).
+
+    Keras names a slot ``{reference path with '_'}_{kind}``; the reference paths contain
+    layer names that Keras numbers per process, so only the kind is kept and the reference
+    is named by its index in the optimizer's variable list. An optimizer of another class
+    or settings then shows up as missing/unexpected slot kinds, not as shifted indices.
+    Variables that are not slots of a trainable variable (a loss-scale counter, ...) are
+    kept by position under ``other``.
+    """
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"variables": {str(i): v for i, v in enumerate(self.optimizer.variables)}}
+        opt = self.optimizer
+        refs = list(getattr(opt, "_trainable_variables", None) or [])
+        inner = getattr(opt, "inner_optimizer", None)
+        if not refs and inner is not None:
+            refs = list(getattr(inner, "_trainable_variables", None) or [])
+        prefixes = sorted(((_slot_prefix(r), i) for i, r in enumerate(refs)), key=lambda pi: len(pi[0]), reverse=True)
+        lr = getattr(opt, "_learning_rate", None)
+        iterations = getattr(opt, "_iterations", None)  # ``iterations`` may be derived from it
+        out: dict[str, Any] = {}
+        slots: dict[str, dict[str, Any]] = {}
+        other: list[Any] = []
+        for v in opt.variables:
+            if v is iterations and "iterations" not in out:
+                out["iterations"] = v
+                continue
+            if v is lr and "learning_rate" not in out:
+                out["learning_rate"] = v
+                continue
+            name = str(getattr(v, "name", ""))
+            for prefix, i in prefixes:
+                kind = name[len(prefix) :] if name.startswith(prefix) else ""
+                if kind and kind not in slots.setdefault(str(i), {}):
+                    slots[str(i)][kind] = v
+                    break
+            else:
+                other.append(v)
+        slots = {i: kinds for i, kinds in slots.items() if kinds}
+        if slots:
+            out["slots"] = slots
+        if other:
+            out["other"] = {str(j): v for j, v in enumerate(other)}
+        return out
 
     def load_state_dict(self, state: Any) -> None:
         return None
+
+
+def _slot_prefix(reference: Any) -> str:
+    """The prefix Keras gives the slots of ``reference`` (``add_variable_from_reference``)."""
+    if hasattr(reference, "path"):
+        return f"{reference.path.replace('/', '_')}_"
+    return f"{str(reference.name).replace('/', '_').replace(':', '_')}_"
 
 
 def _adapter(obj: object) -> Stateful | None:
@@ -216,7 +263,7 @@ def _build_fresh_optimizers(state: Any) -> None:
             return
         if isinstance(node, _Optimizer):
             optimizers.append(node)
-        elif isinstance(node, keras.Model):
+        elif isinstance(node, (keras.Model, tf.Module)):
             models.append(node)
         elif isinstance(node, Mapping):
             for v in node.values():
@@ -230,7 +277,7 @@ def _build_fresh_optimizers(state: Any) -> None:
         if opt.built:
             continue
         owners = [m for m in models if getattr(m, "optimizer", None) is opt] or (models if len(models) == 1 else [])
-        if len(owners) == 1 and owners[0].built:
+        if len(owners) == 1 and getattr(owners[0], "built", True):
             opt.build(owners[0].trainable_variables)
 
 
