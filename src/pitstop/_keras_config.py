@@ -22,6 +22,7 @@ import warnings
 from typing import Any
 
 import keras
+from keras.src.saving.serialization_lib import SafeModeScope
 
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from ._manager import CheckpointManager, CorruptCheckpointWarning, _array_paths, _describer, _mismatch_message
@@ -116,7 +117,9 @@ def _rebuild(config: Any, path: str, where: str) -> Any:
             path=where,
         )
     try:
-        with warnings.catch_warnings():
+        # SafeModeScope: keras.config.enable_unsafe_deserialization() would otherwise
+        # override safe_mode=True for the whole process
+        with SafeModeScope(True), warnings.catch_warnings():
             # Keras warns about optimizer/metric state it builds lazily; the restore that
             # follows fills every variable or reports what does not match
             warnings.simplefilter("ignore", UserWarning)

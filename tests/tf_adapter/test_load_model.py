@@ -165,6 +165,35 @@ def test_lambda_layer_is_refused_by_safe_mode(tmp_path: Path) -> None:
         pitstop.keras.load_model(tmp_path / "c")
 
 
+def test_safe_mode_holds_even_when_unsafe_deserialization_is_enabled(tmp_path: Path) -> None:
+    inp = keras.Input((3,))
+    pitstop.save(tmp_path / "c", {"model": keras.Model(inp, keras.layers.Lambda(lambda t: t + 1)(inp))})
+    from keras.src.backend.common import global_state
+    from keras.src.saving import serialization_lib
+
+    keras.config.enable_unsafe_deserialization()
+    try:
+        with pytest.raises(pitstop.keras.ModelConfigError, match="Lambda"):
+            pitstop.keras.load_model(tmp_path / "c")
+        assert serialization_lib.in_safe_mode() is False  # the user's setting is left as it was
+    finally:
+        global_state.set_global_attribute("safe_mode_saving", None)  # back to the default (unset)
+
+
+def test_load_model_of_a_keras_callback_directory(tmp_path: Path) -> None:
+    """A directory written by pitstop.keras.Checkpoint: model, compiled, optimizer restored."""
+    x, y = xy()
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[pitstop.keras.Checkpoint(tmp_path / "run", async_save=False)])  # fmt: skip
+    loaded = pitstop.keras.load_model(tmp_path / "run")
+    assert loaded.compiled and int(loaded.optimizer.iterations.numpy()) == 8
+    assert_same_variables(loaded, model)
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_unregistered_class_is_refused(tmp_path: Path) -> None:
     class Local(keras.Model):  # type: ignore[misc]
         def __init__(self, **kwargs: Any) -> None:
