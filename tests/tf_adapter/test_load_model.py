@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 import pitstop
 import pitstop.keras
@@ -62,6 +63,17 @@ def assert_same_variables(a: Any, b: Any) -> None:
 def manifest_tree(root: Path, step: int = 0) -> dict[str, Any]:
     data = (root / "manifests" / f"{step:020d}.json").read_bytes()
     return json.loads(data[data.index(b'"manifest":') + 11 : -2])["tree"]  # type: ignore[no-any-return]
+
+
+def rewrite_manifest(root: Path, edit: Any, step: int = 0) -> None:
+    """Edit a manifest body and re-seal its envelope (a forged but well-formed checkpoint)."""
+    path = root / "manifests" / f"{step:020d}.json"
+    data = path.read_bytes()
+    body = data[data.index(b'"manifest":') + 11 : -2]
+    new_body = edit(body)
+    assert new_body != body
+    digest = xxhash.xxh3_128_hexdigest(new_body)
+    path.write_bytes(f'{{"format":"pitstop/1","checksum":"{digest}","manifest":'.encode() + new_body + b"}\n")
 
 
 def test_sequential_compiled_with_optimizer_continues_training(tmp_path: Path) -> None:
@@ -214,20 +226,9 @@ def test_config_that_rebuilds_other_variables_is_a_mismatch(tmp_path: Path) -> N
     model = Scaled(6)
     model(np.zeros((1, 5), np.float32))
     pitstop.save(tmp_path / "c", {"model": model})
-    # a hostile or stale config: same class, other width -> the saved variables do not fit
+    # a stale or forged config: same class, other width -> the saved variables do not fit
     root = tmp_path / "c"
-    path = root / "manifests" / f"{0:020d}.json"
-    data = path.read_bytes()
-    body = data[data.index(b'"manifest":') + 11 : -2]
-    new_body = body.replace(b'"units":6', b'"units":7')
-    assert new_body != body
-    import xxhash
-
-    path.write_bytes(
-        f'{{"format":"pitstop/1","checksum":"{xxhash.xxh3_128_hexdigest(new_body)}","manifest":'.encode()
-        + new_body
-        + b"}\n"
-    )
+    rewrite_manifest(root, lambda body: body.replace(b'"units":6', b'"units":7'))
     with pytest.raises(
         pitstop.StateMismatchError, match=r"model/dense/vars/kernel: saved float32\[5, 6\], expected float32\[5, 7\]"
     ):
@@ -237,3 +238,30 @@ def test_config_that_rebuilds_other_variables_is_a_mismatch(tmp_path: Path) -> N
 def test_no_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(pitstop.CheckpointNotFoundError, match="nothing has been saved"):
         pitstop.keras.load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "match"),
+    [
+        ({"keras": {"module": "os", "class_name": "system", "config": {"command": "false"}}},
+         pitstop.keras.ModelConfigError, "(?s)cannot rebuild.*system"),
+        ({"keras": {"module": "builtins", "class_name": "eval", "config": "1"}},
+         pitstop.keras.ModelConfigError, "cannot rebuild"),
+        ({"keras": {"class_name": "Dense", "config": {"units": 2}, "module": "keras.layers"}},
+         pitstop.keras.ModelConfigError, "rebuilds a Dense, not a keras.Model"),
+        ({"keras": "Sequential"}, pitstop.CorruptCheckpointError, "not a Keras object config"),
+        ({"keras": {"class_name": 7}}, pitstop.CorruptCheckpointError, "not a Keras object config"),
+    ],
+    ids=["os.system", "builtins.eval", "a layer", "string", "bad class_name"],
+)  # fmt: skip
+def test_forged_configs_never_run_code(tmp_path: Path, config: Any, error: type, match: str) -> None:
+    """A hostile manifest can only name Keras classes or registered ones; anything else is
+    refused before any import or call (Keras imports modules of its own packages only)."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    pitstop.save(tmp_path / "c", {"model": model})
+    original = json.dumps(manifest_tree(tmp_path / "c")["dict"]["model"]["object"]["config"], sort_keys=True,
+                          separators=(",", ":")).encode()  # fmt: skip
+    forged = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    rewrite_manifest(tmp_path / "c", lambda body: body.replace(original, forged))
+    with pytest.raises(error, match=match):
+        pitstop.keras.load_model(tmp_path / "c", 0)
