@@ -37,9 +37,10 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("pitstop.tensorflow needs TensorFlow: pip install 'pitstop[tensorflow]'") from exc
 
+from ._errors import Mismatch, StateMismatchError
 from ._rng import register_rng
 from ._tf_iterator import IteratorState, is_iterator
-from ._tree import Stateful, register_adapter, register_restore_hook
+from ._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook
 
 __all__ = ["object_tree"]
 
@@ -221,8 +222,71 @@ class _OptimizerState:
             out["other"] = {str(j): v for j, v in enumerate(other)}
         return out
 
+    def _pitstop_restore_template(self) -> dict[str, Any]:
+        state = self.state_dict()
+        if not getattr(self.optimizer, "built", True):
+            # nothing in the state built it (no model to build it for): its slots are kept
+            # and assigned when Keras builds it, at the first apply_gradients
+            state.setdefault("slots", OPTIONAL)
+            state.setdefault("other", OPTIONAL)
+        return state
+
     def load_state_dict(self, state: Any) -> None:
-        return None
+        pending = {k: state[k] for k in ("slots", "other") if isinstance(state.get(k), Mapping)}
+        if pending and not getattr(self.optimizer, "built", True):
+            _restore_when_built(self.optimizer, _flat(pending))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _restore_when_built(optimizer: Any, pending: dict[str, Any]) -> None:
+    """Assign ``pending`` slot values right after Keras builds ``optimizer`` (deferred
+    restoration, as ``tf.train.Checkpoint`` does for slots), checking they fit."""
+    build = optimizer.build
+
+    def build_then_restore(variables: Any, *args: Any, **kwargs: Any) -> Any:
+        optimizer.__dict__.pop("build", None)
+        result = build(variables, *args, **kwargs)
+        current = {k: v for k, v in _flat(_OptimizerState(optimizer).state_dict()).items() if "/" in k}
+        current = {k: v for k, v in current.items() if k.split("/")[0] in ("slots", "other")}
+        missing = [Mismatch(f"optimizer/{k}", None, _describe(v)) for k, v in current.items() if k not in pending]
+        unexpected = [Mismatch(f"optimizer/{k}", _describe(v), None) for k, v in pending.items() if k not in current]
+        mismatched = [
+            Mismatch(f"optimizer/{k}", _describe(v), _describe(current[k]))
+            for k, v in pending.items()
+            if k in current and _describe(v) != _describe(current[k])
+        ]
+        if missing or unexpected or mismatched:
+            lines = [str(m) for m in [*missing, *unexpected, *mismatched]]
+            raise StateMismatchError(
+                "the optimizer state restored before the optimizer was built does not fit the "
+                f"variables it is now built for ({len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(mismatched)} mismatched):\n  " + "\n  ".join(lines[:20]) + "\nApply gradients "
+                "to the same variables, in the same order, as the run that saved it (or call "
+                "optimizer.build(variables) before restoring to have this checked up front).",
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+            )
+        with tf.init_scope():  # eager even when Keras builds inside a tf.function trace
+            for k, value in pending.items():
+                current[k].assign(value)
+        return result
+
+    optimizer.__dict__["build"] = build_then_restore  # bypass Keras attribute tracking
+
+
+def _describe(value: Any) -> str:
+    # from the metadata only: Keras may build inside a tf.function trace (no .numpy() there)
+    return f"{tf.as_dtype(value.dtype).name}{[int(d) for d in value.shape]}"
 
 
 def _slot_prefix(reference: Any) -> str:

@@ -238,3 +238,55 @@ def test_seed_003_cnn_save_best_by_val_loss_and_load_the_best_model(tmp_path: Pa
     assert int(restored_model.optimizer.iterations.numpy()) == best  # 4 batches per epoch
     evaluated = restored_model.evaluate(x_val, y_val, verbose=0, return_dict=True)
     assert evaluated["loss"] == pytest.approx(min(history.history["val_loss"]), rel=1e-5)
+
+
+def test_seed_004_list_of_variables_with_a_fresh_adam(tmp_path: Path) -> None:
+    """Seed 004 example 3: Adam over a plain list of variables; restored into fresh variables
+    and a fresh, unbuilt Adam whose slots are assigned when it is built (first step)."""
+
+    def fresh() -> tuple[Any, list[Any]]:
+        weight1 = tf.Variable(tf.random.normal((10, 10)), name="weight1")
+        bias1 = tf.Variable(tf.zeros(10), name="bias1")
+        return keras.optimizers.Adam(0.05), [weight1, bias1]
+
+    x = np.random.default_rng(0).random((4, 10), dtype=np.float32)
+
+    def make_step(optimizer: Any, variables: list[Any]) -> Any:
+        @tf.function
+        def step() -> Any:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(tf.matmul(x, variables[0]) + variables[1]))
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+            return loss
+
+        return step
+
+    optimizer, variables = fresh()
+    step = make_step(optimizer, variables)
+    for _ in range(3):
+        step()
+    pitstop.save(tmp_path / "c", {"optimizer": optimizer, "net": variables})
+    expected = [float(step()) for _ in range(3)]
+
+    optimizer2, variables2 = fresh()  # restoration during testing/deployment
+    pitstop.restore(tmp_path / "c", {"optimizer": optimizer2, "net": variables2})
+    assert not optimizer2.built and int(optimizer2.iterations.numpy()) == 3
+    step2 = make_step(optimizer2, variables2)
+    assert [float(step2()) for _ in range(3)] == expected  # slots assigned at build, in the trace
+
+
+def test_deferred_optimizer_slots_that_do_not_fit_are_a_mismatch(tmp_path: Path) -> None:
+    variables = [tf.Variable(tf.ones((3, 2))), tf.Variable(tf.zeros(2))]
+    optimizer = keras.optimizers.Adam()
+    optimizer.build(variables)
+    pitstop.save(tmp_path / "c", {"optimizer": optimizer, "net": variables})
+    fresh = keras.optimizers.Adam()
+    pitstop.restore(
+        tmp_path / "c", {"optimizer": fresh, "net": [tf.Variable(tf.ones((3, 2))), tf.Variable(tf.zeros(2))]}
+    )
+    with pytest.raises(pitstop.StateMismatchError) as info:
+        fresh.build([tf.Variable(tf.ones((3, 3)))])
+    message = str(info.value)
+    assert "optimizer/slots/0/momentum: saved float32[3, 2], expected float32[3, 3]" in message
+    assert "optimizer/slots/1/velocity: saved float32[2], not in the given state" in message
+    assert "same variables, in the same order" in message
