@@ -290,3 +290,75 @@ def test_deferred_optimizer_slots_that_do_not_fit_are_a_mismatch(tmp_path: Path)
     assert "optimizer/slots/0/momentum: saved float32[3, 2], expected float32[3, 3]" in message
     assert "optimizer/slots/1/velocity: saved float32[2], not in the given state" in message
     assert "same variables, in the same order" in message
+
+
+@keras.saving.register_keras_serializable(package="pitstop_tests")
+class DynamicModel(keras.Model):  # type: ignore[misc]
+    """Seed 004 example 2, with the article's fix: the architecture (num_layers) in the config."""
+
+    def __init__(self, num_layers: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.blocks = [keras.layers.Dense(16, activation="relu") for _ in range(num_layers)]
+
+    def call(self, inputs: Any) -> Any:
+        x = inputs
+        for layer in self.blocks:
+            x = layer(x)
+        return x
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_layers": self.num_layers}
+
+
+def test_seed_004_dynamic_layers_mismatch_and_the_stored_architecture(tmp_path: Path) -> None:
+    x = np.ones((1, 8), np.float32)
+    model = DynamicModel(num_layers=2)
+    model(x)
+    pitstop.save(tmp_path / "c", {"model": model})
+
+    restored_model = DynamicModel(num_layers=3)  # a different number of layers
+    restored_model(x)
+    err = mismatch(tmp_path / "c", {"model": restored_model})
+    assert [m.path for m in err.missing] == ["model/blocks/2/vars/bias", "model/blocks/2/vars/kernel"]
+    assert "model/blocks/2/vars/kernel: expected float32[16, 16], not in the checkpoint" in str(err)
+
+    # the article's advice, built in: the architecture is stored with the variables
+    loaded = pitstop.keras.load_model(tmp_path / "c")
+    assert isinstance(loaded, DynamicModel) and loaded.num_layers == 2
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_seed_002_restore_latest_or_start_from_scratch(tmp_path: Path) -> None:
+    """Seed 002 example 1: the same script run three times; each run restores the latest
+    checkpoint (or starts from scratch), trains a step and saves."""
+    x = np.random.default_rng(0).normal(size=(1, 10)).astype(np.float32)
+
+    def run() -> tuple[int, Any]:
+        keras.utils.set_random_seed(len(list((tmp_path / "training_checkpoints").glob("manifests/*.json"))) + 7)
+        model = keras.Sequential(
+            [
+                keras.Input((10,)),
+                keras.layers.Dense(16, activation="relu"),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        optimizer = keras.optimizers.Adam()
+        state = {"model": model, "optimizer": optimizer}
+        with pitstop.CheckpointManager(tmp_path / "training_checkpoints", max_to_keep=5) as mgr:
+            start = mgr.restore_or_initialize(state)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(model(x)))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            mgr.save(start + 1, state)
+        return start, model
+
+    starts = []
+    for _ in range(3):
+        start, model = run()
+        starts.append(start)
+    assert starts == [0, 1, 2]
+    final = pitstop.restore(tmp_path / "training_checkpoints")
+    assert int(final["optimizer"]["iterations"]) == 3
+    np.testing.assert_array_equal(final["model"]["layers"]["0"]["vars"]["kernel"], model.layers[0].kernel.numpy())
