@@ -49,7 +49,10 @@ def _pipeline(iterator: Any) -> str:
     ds = getattr(iterator, "_dataset", None)
     while ds is not None and len(names) < _MAX_CHAIN:
         names.append(type(ds).__name__)
-        inputs = ds._inputs() if hasattr(ds, "_inputs") else []
+        try:
+            inputs = list(ds._inputs())
+        except (AttributeError, NotImplementedError, TypeError):
+            inputs = []
         ds = inputs[0] if len(inputs) == 1 else None
         if len(inputs) > 1:
             names.append(f"({len(inputs)} inputs)")

@@ -187,3 +187,31 @@ def test_malformed_iterator_bytes_are_corruption(tmp_path: Path) -> None:
         target.load_state_dict({**state, "sizes": state["sizes"] + 1})
     with pytest.raises(pitstop.CorruptCheckpointError, match="cannot be parsed"):
         target.load_state_dict({**state, "bytes": np.zeros_like(state["bytes"])})
+
+
+def test_file_pipeline_with_interleave_zip_and_prefetch(tmp_path: Path) -> None:
+    """The use case: a pipeline over files, not random-access (interleave, zip, prefetch)."""
+    files = []
+    for f in range(3):
+        path = tmp_path / f"part{f}.txt"
+        path.write_text("".join(f"{f}-{i}\n" for i in range(7)))
+        files.append(str(path))
+
+    def pipeline() -> Any:
+        lines = tf.data.Dataset.from_tensor_slices(files).interleave(
+            tf.data.TextLineDataset, cycle_length=2, block_length=2
+        )
+        return tf.data.Dataset.zip((lines, tf.data.Dataset.range(1000))).shuffle(5, seed=4).batch(3).prefetch(2)
+
+    iterator = iter(pipeline())
+    for _ in range(2):
+        next(iterator)
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False) as mgr:
+        mgr.save(2, {"data": iterator})
+    expected = [(a.numpy().tolist(), b.numpy().tolist()) for a, b in iterator]
+
+    restored = iter(pipeline())
+    with pitstop.CheckpointManager(tmp_path / "c") as mgr:
+        mgr.restore({"data": restored})
+    assert [(a.numpy().tolist(), b.numpy().tolist()) for a, b in restored] == expected
+    assert len(expected) == 5  # 21 lines in batches of 3, 2 taken before the save
