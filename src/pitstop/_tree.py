@@ -498,6 +498,8 @@ class _Planner:
 
     def _missing(self, target: Any, path: PathT) -> None:
         """Report every leaf of a subtree the checkpoint lacks (not just its root)."""
+        if target is OPTIONAL:
+            return
         if isinstance(target, Mapping) and target:
             for k in sorted(target):
                 self._missing(target[k], (*path, k))
@@ -508,10 +510,12 @@ class _Planner:
             return
         stateful = None if _is_plain(target) or isinstance(target, (np.ndarray, np.generic)) else as_stateful(target)
         if stateful is not None:
-            if hasattr(type(stateful), "_pitstop_restore_template"):  # opaque state: one entry
+            template = restore_template(stateful)
+            if isinstance(template, Mapping) and all(v is None or v is OPTIONAL for v in template.values()):
+                # opaque state (a serialized iterator): one entry for the object
                 self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
             else:
-                self._missing(stateful.state_dict(), path)
+                self._missing(template, path)
             return
         self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
 

@@ -362,3 +362,16 @@ def test_seed_002_restore_latest_or_start_from_scratch(tmp_path: Path) -> None:
     final = pitstop.restore(tmp_path / "training_checkpoints")
     assert int(final["optimizer"]["iterations"]) == 3
     np.testing.assert_array_equal(final["model"]["layers"]["0"]["vars"]["kernel"], model.layers[0].kernel.numpy())
+
+
+def test_optimizer_missing_from_the_checkpoint_lists_its_variables(tmp_path: Path) -> None:
+    model = mlp()
+    pitstop.save(tmp_path / "c", {"model": model})
+    built = keras.optimizers.Adam()
+    built.build(model.trainable_variables)
+    err = mismatch(tmp_path / "c", {"model": model, "optimizer": built})
+    assert "optimizer/iterations: expected int64[], not in the checkpoint" in str(err)
+    assert "optimizer/slots/2/velocity: expected float32[8, 8], not in the checkpoint" in str(err)
+    unbuilt = keras.optimizers.SGD()  # built for the only model before the restore
+    err = mismatch(tmp_path / "c", {"model": model, "optimizer": unbuilt})
+    assert [m.path for m in err.missing] == ["optimizer/iterations", "optimizer/learning_rate"]
