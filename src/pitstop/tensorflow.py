@@ -370,14 +370,21 @@ def _tf_rng_restore(s: Any) -> None:
 
 
 def _keras_rng_capture() -> Any:
-    from keras.src.random.seed_generator import global_seed_generator
+    # read the global attribute: global_seed_generator() would create the generator, and
+    # Keras seeds a new one from Python's `random` -- a save must not move any RNG
+    from keras.src.backend.common import global_state
 
-    return {"state": np.asarray(global_seed_generator().state.numpy())}
+    gen = global_state.get_global_attribute("global_seed_generator")
+    return {"state": None if gen is None else np.asarray(gen.state.numpy())}
 
 
 def _keras_rng_restore(s: Any) -> None:
+    from keras.src.backend.common import global_state
     from keras.src.random.seed_generator import global_seed_generator
 
+    if s.get("state") is None:  # not created yet when saved: Keras creates it when first used
+        global_state.set_global_attribute("global_seed_generator", None)
+        return
     global_seed_generator().state.assign(np.asarray(s["state"]))
 
 

@@ -205,3 +205,24 @@ def test_tf_global_generator_is_captured(tmp_path: Path) -> None:
         tf.random.get_global_generator().reset_from_seed(77)
         mgr.restore({"x": 0})
     np.testing.assert_array_equal(tf.random.get_global_generator().normal((3,)).numpy(), expected)
+
+
+def test_saving_moves_no_rng(tmp_path: Path) -> None:
+    """Capturing the RNGs must not draw from them: Keras seeds a newly created global seed
+    generator from Python's `random`, so capture reads it without creating it."""
+    import random
+
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("global_seed_generator", None)  # as in a fresh process
+    random.seed(3)
+    before = random.getstate()
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False) as mgr:
+        mgr.save(1, {"w": np.ones(2)})
+        assert random.getstate() == before
+        keras.random.normal((2,))  # creates the Keras global generator (draws from `random`)
+        expected = [random.random(), keras.random.normal((3,)).numpy().tolist()]
+        mgr.restore({"w": np.ones(2)})  # the generator did not exist at the save: dropped again
+    assert random.getstate() == before
+    keras.random.normal((2,))
+    assert [random.random(), keras.random.normal((3,)).numpy().tolist()] == expected
