@@ -66,8 +66,13 @@ def _model_nodes(m: Manifest) -> tuple[dict[PathT, dict[str, Any]], dict[PathT, 
     return models, optimizers
 
 
-def _objects(m: Manifest) -> list[str]:
-    return [f"{display_path(p)} ({b['type']})" for p, kind, b in walk_nodes(m.tree) if kind == "object"]
+def _objects(m: Manifest) -> dict[str, str]:
+    """Every object node: its path as displayed -> its type."""
+    return {display_path(p): b["type"] for p, kind, b in walk_nodes(m.tree) if kind == "object"}
+
+
+def _listing(objects: dict[str, str]) -> str:
+    return ", ".join(f"{p} ({t})" for p, t in objects.items()) or "none"
 
 
 def _pick_model(
@@ -77,10 +82,10 @@ def _pick_model(
     if key is not None:
         if key in found:
             return found[key], models[found[key]]
-        objects = {p.split(" (")[0]: p for p in _objects(m)}
+        objects = _objects(m)
         if key in objects:
             raise ModelConfigError(
-                f"{key!r} in checkpoint {where} was saved without a model config ({objects[key]}): "
+                f"{key!r} in checkpoint {where} was saved without a model config (a {objects[key]}): "
                 "either it is not a Keras model, or its get_config() failed or returned non-JSON "
                 "values when it was saved. Give the model a get_config() (and register its class with "
                 "keras.saving.register_keras_serializable), or rebuild it in code and restore its "
@@ -100,7 +105,7 @@ def _pick_model(
             path=where,
         )
     raise ModelConfigError(
-        f"checkpoint {where} holds no Keras model config (objects in it: {_objects(m) or 'none'}). "
+        f"checkpoint {where} holds no Keras model config (objects in it: {_listing(_objects(m))}). "
         "Models are saved with their config when placed directly in the state and their "
         "get_config() works; a model whose config cannot be serialized is saved without one. "
         "Rebuild the model in code and restore its variables with pitstop.restore(...)",
