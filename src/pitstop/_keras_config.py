@@ -44,12 +44,38 @@ class ModelConfigError(CheckpointError, ValueError):
 
 def model_config(model: Any) -> dict[str, Any] | None:
     """``{"keras": serialize_keras_object(model)}`` as plain JSON, or ``None`` when the model
-    cannot be serialized (its ``get_config`` fails, or it holds non-JSON values)."""
+    cannot be serialized (its ``get_config`` fails, or it holds non-JSON values).
+
+    A compile config that cannot be serialized (a lambda loss) is left out rather than
+    losing the architecture: such a model comes back from ``load_model`` uncompiled.
+    """
     try:
-        config = keras.saving.serialize_keras_object(model)
-        return {CONFIG_KEY: json.loads(json.dumps(config, allow_nan=False))}
-    except Exception:  # any failure of a user's get_config() means "no config"
+        return _serialized(model)
+    except Exception:  # any failure of a user's get_config() or compile arguments
+        pass
+    # Keras adds the compile config through the model's get_compile_config(): hide it for
+    # one call (an instance attribute, set past Keras's attribute tracking)
+    model.__dict__["get_compile_config"] = _no_compile_config
+    try:
+        return _serialized(model)
+    except Exception:  # the architecture itself cannot be serialized: no config
         return None
+    finally:
+        model.__dict__.pop("get_compile_config", None)
+
+
+def _serialized(model: Any) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        # Keras serializes a Python lambda (a loss=lambda ...) as bytecode with a warning;
+        # safe mode would refuse it on load, so it counts as not serializable (and the
+        # warning is not repeated at every save)
+        warnings.simplefilter("error")
+        config = keras.saving.serialize_keras_object(model)
+    return {CONFIG_KEY: json.loads(json.dumps(config, allow_nan=False))}
+
+
+def _no_compile_config() -> None:
+    return None
 
 
 def _model_nodes(m: Manifest) -> tuple[dict[PathT, dict[str, Any]], dict[PathT, dict[str, Any]]]:

@@ -167,6 +167,19 @@ def test_model_without_serializable_config_saves_and_load_model_says_so(tmp_path
         pitstop.keras.load_model(tmp_path / "c", key="model")
 
 
+def test_unserializable_compile_config_is_left_out(tmp_path: Path) -> None:
+    """A lambda loss cannot be serialized: the architecture and weights are still stored,
+    and the model comes back uncompiled."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=lambda y, p: tf.reduce_mean(tf.square(y - p)))
+    pitstop.save(tmp_path / "c", {"model": model})
+    assert "compile_config" not in manifest_tree(tmp_path / "c")["dict"]["model"]["object"]["config"]["keras"]
+    assert "get_compile_config" not in vars(model)  # the model is left as it was
+    loaded = pitstop.keras.load_model(tmp_path / "c")
+    assert not loaded.compiled
+    assert_same_variables(loaded, model)
+
+
 def test_lambda_layer_is_refused_by_safe_mode(tmp_path: Path) -> None:
     inp = keras.Input((3,))
     model = keras.Model(inp, keras.layers.Lambda(lambda t: t * 2)(keras.layers.Dense(3)(inp)))
