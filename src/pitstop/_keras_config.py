@@ -65,12 +65,19 @@ def model_config(model: Any) -> dict[str, Any] | None:
 
 
 def _serialized(model: Any) -> dict[str, Any]:
-    with warnings.catch_warnings():
-        # Keras serializes a Python lambda (a loss=lambda ...) as bytecode with a warning;
-        # safe mode would refuse it on load, so it counts as not serializable (and the
-        # warning is not repeated at every save)
-        warnings.simplefilter("error")
+    # Keras serializes a Python lambda (loss=lambda ...) as bytecode, with a warning; safe
+    # mode would refuse it on load, so it counts as not serializable (and the warning is not
+    # repeated at every save). Recorded, not raised: the filters are process-wide, and a
+    # warning of another thread meanwhile must not become an exception there
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         config = keras.saving.serialize_keras_object(model)
+    unsafe = [w for w in caught if "lambda" in str(w.message) and "serializ" in str(w.message)]
+    for w in caught:
+        if w not in unsafe:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if unsafe:
+        raise ValueError(str(unsafe[0].message))
     return {CONFIG_KEY: json.loads(json.dumps(config, allow_nan=False))}
 
 
