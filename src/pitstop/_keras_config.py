@@ -22,6 +22,7 @@ import warnings
 from typing import Any
 
 import keras
+from keras.src.saving.serialization_lib import SafeModeScope
 
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from ._manager import CheckpointManager, CorruptCheckpointWarning, _describer, _mismatch_message
@@ -43,12 +44,45 @@ class ModelConfigError(CheckpointError, ValueError):
 
 def model_config(model: Any) -> dict[str, Any] | None:
     """``{"keras": serialize_keras_object(model)}`` as plain JSON, or ``None`` when the model
-    cannot be serialized (its ``get_config`` fails, or it holds non-JSON values)."""
+    cannot be serialized (its ``get_config`` fails, or it holds non-JSON values).
+
+    A compile config that cannot be serialized (a lambda loss) is left out rather than
+    losing the architecture: such a model comes back from ``load_model`` uncompiled.
+    """
     try:
-        config = keras.saving.serialize_keras_object(model)
-        return {CONFIG_KEY: json.loads(json.dumps(config, allow_nan=False))}
-    except Exception:  # any failure of a user's get_config() means "no config"
+        return _serialized(model)
+    except Exception:  # any failure of a user's get_config() or compile arguments
+        pass
+    # Keras adds the compile config through the model's get_compile_config(): hide it for
+    # one call (an instance attribute, set past Keras's attribute tracking)
+    model.__dict__["get_compile_config"] = _no_compile_config
+    try:
+        return _serialized(model)
+    except Exception:  # the architecture itself cannot be serialized: no config
         return None
+    finally:
+        model.__dict__.pop("get_compile_config", None)
+
+
+def _serialized(model: Any) -> dict[str, Any]:
+    # Keras serializes a Python lambda (loss=lambda ...) as bytecode, with a warning; safe
+    # mode would refuse it on load, so it counts as not serializable (and the warning is not
+    # repeated at every save). Recorded, not raised: the filters are process-wide, and a
+    # warning of another thread meanwhile must not become an exception there
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = keras.saving.serialize_keras_object(model)
+    unsafe = [w for w in caught if "lambda" in str(w.message) and "serializ" in str(w.message)]
+    for w in caught:
+        if w not in unsafe:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if unsafe:
+        raise ValueError(str(unsafe[0].message))
+    return {CONFIG_KEY: json.loads(json.dumps(config, allow_nan=False))}
+
+
+def _no_compile_config() -> None:
+    return None
 
 
 def _model_nodes(m: Manifest) -> tuple[dict[PathT, dict[str, Any]], dict[PathT, dict[str, Any]]]:
@@ -65,8 +99,13 @@ def _model_nodes(m: Manifest) -> tuple[dict[PathT, dict[str, Any]], dict[PathT, 
     return models, optimizers
 
 
-def _objects(m: Manifest) -> list[str]:
-    return [f"{display_path(p)} ({b['type']})" for p, kind, b in walk_nodes(m.tree) if kind == "object"]
+def _objects(m: Manifest) -> dict[str, str]:
+    """Every object node: its path as displayed -> its type."""
+    return {display_path(p): b["type"] for p, kind, b in walk_nodes(m.tree) if kind == "object"}
+
+
+def _listing(objects: dict[str, str]) -> str:
+    return ", ".join(f"{p} ({t})" for p, t in objects.items()) or "none"
 
 
 def _pick_model(
@@ -76,10 +115,10 @@ def _pick_model(
     if key is not None:
         if key in found:
             return found[key], models[found[key]]
-        objects = {p.split(" (")[0]: p for p in _objects(m)}
+        objects = _objects(m)
         if key in objects:
             raise ModelConfigError(
-                f"{key!r} in checkpoint {where} was saved without a model config ({objects[key]}): "
+                f"{key!r} in checkpoint {where} was saved without a model config (a {objects[key]}): "
                 "either it is not a Keras model, or its get_config() failed or returned non-JSON "
                 "values when it was saved. Give the model a get_config() (and register its class with "
                 "keras.saving.register_keras_serializable), or rebuild it in code and restore its "
@@ -99,7 +138,7 @@ def _pick_model(
             path=where,
         )
     raise ModelConfigError(
-        f"checkpoint {where} holds no Keras model config (objects in it: {_objects(m) or 'none'}). "
+        f"checkpoint {where} holds no Keras model config (objects in it: {_listing(_objects(m))}). "
         "Models are saved with their config when placed directly in the state and their "
         "get_config() works; a model whose config cannot be serialized is saved without one. "
         "Rebuild the model in code and restore its variables with pitstop.restore(...)",
@@ -116,7 +155,9 @@ def _rebuild(config: Any, path: str, where: str) -> Any:
             path=where,
         )
     try:
-        with warnings.catch_warnings():
+        # SafeModeScope: keras.config.enable_unsafe_deserialization() would otherwise
+        # override safe_mode=True for the whole process
+        with SafeModeScope(True), warnings.catch_warnings():
             # Keras warns about optimizer/metric state it builds lazily; the restore that
             # follows fills every variable or reports what does not match
             warnings.simplefilter("ignore", UserWarning)

@@ -120,13 +120,24 @@ def object_config(stateful: Stateful) -> dict[str, Any] | None:
     return get(stateful) if callable(get) else None
 
 
+class _Optional:
+    """A restore-template leaf: the saved value there, if any, is read fresh; none is fine."""
+
+    def __repr__(self) -> str:
+        return "OPTIONAL"
+
+
+OPTIONAL: Any = _Optional()
+
+
 def restore_template(stateful: Stateful) -> Any:
     """What an in-place restore matches the saved state against.
 
     Normally the object's current ``state_dict()``. Adapter wrappers whose state varies in
     size (a serialized ``tf.data`` iterator) define ``_pitstop_restore_template()``: a tree
     whose ``None`` leaves accept any saved value, read fresh and handed to
-    ``load_state_dict`` (so planning a restore does not serialize the object).
+    ``load_state_dict`` (so planning a restore does not serialize the object), and whose
+    :data:`OPTIONAL` leaves do the same but may also be absent from the checkpoint.
     """
     get = getattr(type(stateful), "_pitstop_restore_template", None)
     return get(stateful) if callable(get) else stateful.state_dict()
@@ -389,6 +400,8 @@ class _Planner:
         ((kind, body),) = node.items()
         if kind == "object":
             node, ((kind, body),) = body["state"], body["state"].items()
+        if target is OPTIONAL:
+            return self._fresh(node, path)
         if _is_plain(target) or isinstance(target, np.generic):
             return self._scalar_or_value(node, target, path)
         stateful = None if isinstance(target, (Mapping, list, tuple, np.ndarray)) else as_stateful(target)
@@ -406,7 +419,8 @@ class _Planner:
             for key in sorted(set(body) | set(target)):
                 child_path = (*path, key)
                 if key not in body:
-                    self._missing(target[key], child_path)
+                    if target[key] is not OPTIONAL:
+                        self._missing(target[key], child_path)
                 elif key not in target:
                     self._unexpected(body[key], child_path)
                 else:
@@ -484,6 +498,8 @@ class _Planner:
 
     def _missing(self, target: Any, path: PathT) -> None:
         """Report every leaf of a subtree the checkpoint lacks (not just its root)."""
+        if target is OPTIONAL:
+            return
         if isinstance(target, Mapping) and target:
             for k in sorted(target):
                 self._missing(target[k], (*path, k))
@@ -494,7 +510,12 @@ class _Planner:
             return
         stateful = None if _is_plain(target) or isinstance(target, (np.ndarray, np.generic)) else as_stateful(target)
         if stateful is not None:
-            self._missing(restore_template(stateful), path)
+            template = restore_template(stateful)
+            if isinstance(template, Mapping) and all(v is None or v is OPTIONAL for v in template.values()):
+                # opaque state (a serialized iterator): one entry for the object
+                self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
+            else:
+                self._missing(template, path)
             return
         self.plan.missing.append(Mismatch(display_path(path), None, _describe_target(target)))
 

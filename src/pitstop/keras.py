@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from . import tensorflow as _tf_adapter  # registers the TensorFlow/Keras adapter
 from ._errors import CheckpointError
@@ -279,6 +280,7 @@ class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
         self._last_saved: int | None = None
         self._pending_epoch_logs: dict[str, Any] | None = None
         self._skip_calls = 0
+        self._epoch_complete = False
         self._skipping_batch = False
         self._pull = False
         self._first_epoch = True
@@ -382,18 +384,33 @@ class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]
             return
         self._step_in_epoch = skip
         self._skip_calls = skip // per_call
+        # Saved after the epoch's last batch (before validation and epoch end): the order
+        # already names the next data epoch, so a tf_dataset iteration begun now would
+        # yield a whole new epoch inside this one. End the epoch where the data ended.
+        self._epoch_complete = self.data_order is not None and self.data_order.position == 0
         self._original_train_function = self.model.train_function
         self.model.train_function = self._skipping_train_function
 
     def _skipping_train_function(self, iterator: Any) -> Any:
         if self._skip_calls <= 0:
+            self.model.train_function = self._original_train_function
+            if self._epoch_complete:
+                # An uninterrupted run calls the train step once more here and the dataset
+                # ends it with OutOfRangeError; the step's stateful ops (a Dropout layer's
+                # seed generator) still run. Call it on an empty iterator of the same
+                # dataset, so the epoch ends exactly so, without starting the next data epoch
+                self._epoch_complete = False
+                dataset = getattr(iterator, "_dataset", None)
+                if not isinstance(dataset, tf.data.Dataset):
+                    raise tf.errors.OutOfRangeError(None, None, "the resumed epoch has no batches left")
+                return self._original_train_function(iter(dataset.take(0)))
             return self._original_train_function(iterator)
         self._skip_calls -= 1
         self._skipping_batch = True
         if self._pull and hasattr(iterator, "get_next"):  # the TF backend passes the iterator
             for _ in range(int(getattr(self.model, "steps_per_execution", 1) or 1)):
                 iterator.get_next()
-        if self._skip_calls == 0:
+        if self._skip_calls == 0 and not self._epoch_complete:
             self.model.train_function = self._original_train_function
         return self.model.get_metrics_result()
 

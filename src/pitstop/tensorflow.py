@@ -10,7 +10,9 @@ the first time a TensorFlow or Keras object appears in a state), so a state can 
   attributes Keras does not track;
 - Keras optimizers, with ``iterations`` and every slot variable — a fresh, not yet built
   optimizer is built for the model it belongs to before it is restored;
-- ``tf.random.Generator`` and Keras ``SeedGenerator`` states.
+- ``tf.random.Generator`` and Keras ``SeedGenerator`` states;
+- ``tf.data`` iterators (``iter(dataset)``), through TensorFlow's own iterator
+  serialization, stored as raw bytes (see ``_tf_iterator``).
 
 Arrays are named by **object path** — attribute names, list indices, layer positions —
 never by ``Variable.name``, so two variables both called "weights" never clash and a
@@ -35,8 +37,10 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("pitstop.tensorflow needs TensorFlow: pip install 'pitstop[tensorflow]'") from exc
 
+from ._errors import Mismatch, StateMismatchError
 from ._rng import register_rng
-from ._tree import Stateful, register_adapter, register_restore_hook
+from ._tf_iterator import IteratorState, is_iterator
+from ._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook
 
 __all__ = ["object_tree"]
 
@@ -170,19 +174,131 @@ class _ModelState(_TreeState):
 
 
 class _OptimizerState:
-    """A Keras optimizer: ``iterations``, the learning rate and every slot, in order."""
+    """A Keras optimizer: ``iterations``, the learning rate, and each slot named by the index
+    of the model variable it belongs to and its kind (``slots/3/velocity``).
+
+    Keras names a slot ``{reference path with '_'}_{kind}``; the reference paths contain
+    layer names that Keras numbers per process, so only the kind is kept and the reference
+    is named by its index in the optimizer's variable list. An optimizer of another class
+    or settings then shows up as missing/unexpected slot kinds, not as shifted indices.
+    Variables that are not slots of a trainable variable (a loss-scale counter, ...) are
+    kept by position under ``other``.
+    """
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"variables": {str(i): v for i, v in enumerate(self.optimizer.variables)}}
+        opt = self.optimizer
+        refs = list(getattr(opt, "_trainable_variables", None) or [])
+        inner = getattr(opt, "inner_optimizer", None)
+        if not refs and inner is not None:
+            refs = list(getattr(inner, "_trainable_variables", None) or [])
+        prefixes = sorted(((_slot_prefix(r), i) for i, r in enumerate(refs)), key=lambda pi: len(pi[0]), reverse=True)
+        lr = getattr(opt, "_learning_rate", None)
+        iterations = getattr(opt, "_iterations", None)  # ``iterations`` may be derived from it
+        out: dict[str, Any] = {}
+        slots: dict[str, dict[str, Any]] = {}
+        other: list[Any] = []
+        for v in opt.variables:
+            if v is iterations and "iterations" not in out:
+                out["iterations"] = v
+                continue
+            if v is lr and "learning_rate" not in out:
+                out["learning_rate"] = v
+                continue
+            name = str(getattr(v, "name", ""))
+            for prefix, i in prefixes:
+                kind = name[len(prefix) :] if name.startswith(prefix) else ""
+                if kind and kind not in slots.setdefault(str(i), {}):
+                    slots[str(i)][kind] = v
+                    break
+            else:
+                other.append(v)
+        slots = {i: kinds for i, kinds in slots.items() if kinds}
+        if slots:
+            out["slots"] = slots
+        if other:
+            out["other"] = {str(j): v for j, v in enumerate(other)}
+        return out
+
+    def _pitstop_restore_template(self) -> dict[str, Any]:
+        state = self.state_dict()
+        if not getattr(self.optimizer, "built", True):
+            # nothing in the state built it (no model to build it for): its slots are kept
+            # and assigned when Keras builds it, at the first apply_gradients
+            state.setdefault("slots", OPTIONAL)
+            state.setdefault("other", OPTIONAL)
+        return state
 
     def load_state_dict(self, state: Any) -> None:
-        return None
+        pending = {k: state[k] for k in ("slots", "other") if isinstance(state.get(k), Mapping)}
+        if pending and not getattr(self.optimizer, "built", True):
+            _restore_when_built(self.optimizer, _flat(pending))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _restore_when_built(optimizer: Any, pending: dict[str, Any]) -> None:
+    """Assign ``pending`` slot values right after Keras builds ``optimizer`` (deferred
+    restoration, as ``tf.train.Checkpoint`` does for slots), checking they fit."""
+    build = optimizer.build
+
+    def build_then_restore(variables: Any, *args: Any, **kwargs: Any) -> Any:
+        optimizer.__dict__.pop("build", None)
+        result = build(variables, *args, **kwargs)
+        current = {k: v for k, v in _flat(_OptimizerState(optimizer).state_dict()).items() if "/" in k}
+        current = {k: v for k, v in current.items() if k.split("/")[0] in ("slots", "other")}
+        missing = [Mismatch(f"optimizer/{k}", None, _describe(v)) for k, v in current.items() if k not in pending]
+        unexpected = [Mismatch(f"optimizer/{k}", _describe(v), None) for k, v in pending.items() if k not in current]
+        mismatched = [
+            Mismatch(f"optimizer/{k}", _describe(v), _describe(current[k]))
+            for k, v in pending.items()
+            if k in current and _describe(v) != _describe(current[k])
+        ]
+        if missing or unexpected or mismatched:
+            lines = [str(m) for m in [*missing, *unexpected, *mismatched]]
+            raise StateMismatchError(
+                "the optimizer state restored before the optimizer was built does not fit the "
+                f"variables it is now built for ({len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(mismatched)} mismatched):\n  " + "\n  ".join(lines[:20]) + "\nApply gradients "
+                "to the same variables, in the same order, as the run that saved it (or call "
+                "optimizer.build(variables) before restoring to have this checked up front).",
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=mismatched,
+            )
+        with tf.init_scope():  # eager even when Keras builds inside a tf.function trace
+            for k, value in pending.items():
+                current[k].assign(value)
+        return result
+
+    optimizer.__dict__["build"] = build_then_restore  # bypass Keras attribute tracking
+
+
+def _describe(value: Any) -> str:
+    # from the metadata only: Keras may build inside a tf.function trace (no .numpy() there)
+    return f"{tf.as_dtype(value.dtype).name}{[int(d) for d in value.shape]}"
+
+
+def _slot_prefix(reference: Any) -> str:
+    """The prefix Keras gives the slots of ``reference`` (``add_variable_from_reference``)."""
+    if hasattr(reference, "path"):
+        return f"{reference.path.replace('/', '_')}_"
+    return f"{str(reference.name).replace('/', '_').replace(':', '_')}_"
 
 
 def _adapter(obj: object) -> Stateful | None:
+    if is_iterator(obj):
+        return IteratorState(obj)
     if _is_variable(obj):
         return _VariableState(obj)
     if isinstance(obj, _Optimizer):
@@ -211,7 +327,7 @@ def _build_fresh_optimizers(state: Any) -> None:
             return
         if isinstance(node, _Optimizer):
             optimizers.append(node)
-        elif isinstance(node, keras.Model):
+        elif isinstance(node, (keras.Model, tf.Module)):
             models.append(node)
         elif isinstance(node, Mapping):
             for v in node.values():
@@ -225,7 +341,7 @@ def _build_fresh_optimizers(state: Any) -> None:
         if opt.built:
             continue
         owners = [m for m in models if getattr(m, "optimizer", None) is opt] or (models if len(models) == 1 else [])
-        if len(owners) == 1 and owners[0].built:
+        if len(owners) == 1 and getattr(owners[0], "built", True):
             opt.build(owners[0].trainable_variables)
 
 
@@ -268,7 +384,8 @@ def _keras_rng_restore(s: Any) -> None:
     from keras.src.backend.common import global_state
     from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 
-    if s.get("state") is None:
+    if s.get("state") is None:  # not created yet when saved: Keras creates it when first used
+        global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)
         return
     gen = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
     if gen is None:  # a fresh process: create it seeded, drawing nothing from Python's random

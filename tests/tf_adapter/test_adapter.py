@@ -233,3 +233,24 @@ def test_rng_capture_and_restore_draw_nothing_from_pythons_random(tmp_path: Path
         mgr.restore({"x": np.zeros(2)})
     assert random.getstate() == saved_py
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.random.uniform((3,))), expected)
+
+
+def test_saving_moves_no_rng(tmp_path: Path) -> None:
+    """Capturing the RNGs must not draw from them: Keras seeds a newly created global seed
+    generator from Python's `random`, so capture reads it without creating it."""
+    import random
+
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("global_seed_generator", None)  # as in a fresh process
+    random.seed(3)
+    before = random.getstate()
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False) as mgr:
+        mgr.save(1, {"w": np.ones(2)})
+        assert random.getstate() == before
+        keras.random.normal((2,))  # creates the Keras global generator (draws from `random`)
+        expected = [random.random(), keras.random.normal((3,)).numpy().tolist()]
+        mgr.restore({"w": np.ones(2)})  # the generator did not exist at the save: dropped again
+    assert random.getstate() == before
+    keras.random.normal((2,))
+    assert [random.random(), keras.random.normal((3,)).numpy().tolist()] == expected

@@ -128,6 +128,54 @@ def test_tf_dataset_resume_in_process_is_bit_identical(tmp_path: Path) -> None:
     assert len(ref_losses.losses) == 21
 
 
+class StopInValidation(keras.callbacks.Callback):  # type: ignore[misc]
+    """Raises when the ``n``-th validation begins: killed after an epoch's last batch was
+    trained (and checkpointed) but before the epoch ended."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
+def test_tf_dataset_killed_between_the_last_batch_and_the_epoch_end(tmp_path: Path) -> None:
+    """A checkpoint taken at an epoch's last batch names the next data epoch already; the
+    resumed epoch must end there (validation, epoch end), not train a whole epoch more."""
+    x, y = data(50)  # 7 batches of 8 per epoch, the last one short
+    xv, yv = data(16)
+
+    def run(directory: Path, seed: int, stop: int | None) -> tuple[Any, Losses, Any]:
+        keras.utils.set_random_seed(seed)
+        model = mlp()
+        order = pitstop.data.DataOrder(50, seed=3)
+        ds = pitstop.data.tf_dataset((x, y), order, batch_size=8)
+        ckpt = pitstop_keras.Checkpoint(directory, save_freq=7, data_order=order, async_save=False)
+        losses = Losses(ckpt)
+        callbacks = [ckpt, losses] + ([StopInValidation(stop)] if stop else [])
+        fit = {"epochs": 3, "shuffle": False, "verbose": 0, "validation_data": (xv, yv), "callbacks": callbacks}
+        if stop:
+            with pytest.raises(KeyboardInterrupt):
+                model.fit(ds, **fit)
+            ckpt._mgr.close()
+        else:
+            history = model.fit(ds, **fit)
+            losses.history = history.history  # type: ignore[attr-defined]
+        return model, losses, ckpt
+
+    reference, ref_losses, _ = run(tmp_path / "ref", 0, None)
+    run(tmp_path / "c", 0, 2)  # killed in epoch 1's validation; newest checkpoint: step 14
+    resumed, losses, ckpt = run(tmp_path / "c", 77, None)
+    assert ckpt.restored_step == 14
+    assert losses.losses == {k: v for k, v in ref_losses.losses.items() if k >= (2, 0)}
+    assert len(losses.losses) == 7  # epoch 2 only: epoch 1 ended where its data ended
+    assert losses.history["val_loss"] == ref_losses.history["val_loss"][1:]  # type: ignore[attr-defined]
+    assert weights_equal(resumed, reference)
+
+
 def test_validation_data_and_best_k_by_val_loss_persist_across_restarts(tmp_path: Path) -> None:
     x, y = data()
     xv, yv = data(16)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 import pitstop
 import pitstop.keras
@@ -62,6 +63,17 @@ def assert_same_variables(a: Any, b: Any) -> None:
 def manifest_tree(root: Path, step: int = 0) -> dict[str, Any]:
     data = (root / "manifests" / f"{step:020d}.json").read_bytes()
     return json.loads(data[data.index(b'"manifest":') + 11 : -2])["tree"]  # type: ignore[no-any-return]
+
+
+def rewrite_manifest(root: Path, edit: Any, step: int = 0) -> None:
+    """Edit a manifest body and re-seal its envelope (a forged but well-formed checkpoint)."""
+    path = root / "manifests" / f"{step:020d}.json"
+    data = path.read_bytes()
+    body = data[data.index(b'"manifest":') + 11 : -2]
+    new_body = edit(body)
+    assert new_body != body
+    digest = xxhash.xxh3_128_hexdigest(new_body)
+    path.write_bytes(f'{{"format":"pitstop/1","checksum":"{digest}","manifest":'.encode() + new_body + b"}\n")
 
 
 def test_sequential_compiled_with_optimizer_continues_training(tmp_path: Path) -> None:
@@ -155,6 +167,19 @@ def test_model_without_serializable_config_saves_and_load_model_says_so(tmp_path
         pitstop.keras.load_model(tmp_path / "c", key="model")
 
 
+def test_unserializable_compile_config_is_left_out(tmp_path: Path) -> None:
+    """A lambda loss cannot be serialized: the architecture and weights are still stored,
+    and the model comes back uncompiled."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=lambda y, p: tf.reduce_mean(tf.square(y - p)))
+    pitstop.save(tmp_path / "c", {"model": model})
+    assert "compile_config" not in manifest_tree(tmp_path / "c")["dict"]["model"]["object"]["config"]["keras"]
+    assert "get_compile_config" not in vars(model)  # the model is left as it was
+    loaded = pitstop.keras.load_model(tmp_path / "c")
+    assert not loaded.compiled
+    assert_same_variables(loaded, model)
+
+
 def test_lambda_layer_is_refused_by_safe_mode(tmp_path: Path) -> None:
     inp = keras.Input((3,))
     model = keras.Model(inp, keras.layers.Lambda(lambda t: t * 2)(keras.layers.Dense(3)(inp)))
@@ -163,6 +188,35 @@ def test_lambda_layer_is_refused_by_safe_mode(tmp_path: Path) -> None:
         pitstop.keras.ModelConfigError, match=r"(?s)cannot rebuild the model 'model'.*Lambda.*safe mode"
     ):
         pitstop.keras.load_model(tmp_path / "c")
+
+
+def test_safe_mode_holds_even_when_unsafe_deserialization_is_enabled(tmp_path: Path) -> None:
+    inp = keras.Input((3,))
+    pitstop.save(tmp_path / "c", {"model": keras.Model(inp, keras.layers.Lambda(lambda t: t + 1)(inp))})
+    from keras.src.backend.common import global_state
+    from keras.src.saving import serialization_lib
+
+    keras.config.enable_unsafe_deserialization()
+    try:
+        with pytest.raises(pitstop.keras.ModelConfigError, match="Lambda"):
+            pitstop.keras.load_model(tmp_path / "c")
+        assert serialization_lib.in_safe_mode() is False  # the user's setting is left as it was
+    finally:
+        global_state.set_global_attribute("safe_mode_saving", None)  # back to the default (unset)
+
+
+def test_load_model_of_a_keras_callback_directory(tmp_path: Path) -> None:
+    """A directory written by pitstop.keras.Checkpoint: model, compiled, optimizer restored."""
+    x, y = xy()
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[pitstop.keras.Checkpoint(tmp_path / "run", async_save=False)])  # fmt: skip
+    loaded = pitstop.keras.load_model(tmp_path / "run")
+    assert loaded.compiled and int(loaded.optimizer.iterations.numpy()) == 8
+    assert_same_variables(loaded, model)
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_unregistered_class_is_refused(tmp_path: Path) -> None:
@@ -185,20 +239,9 @@ def test_config_that_rebuilds_other_variables_is_a_mismatch(tmp_path: Path) -> N
     model = Scaled(6)
     model(np.zeros((1, 5), np.float32))
     pitstop.save(tmp_path / "c", {"model": model})
-    # a hostile or stale config: same class, other width -> the saved variables do not fit
+    # a stale or forged config: same class, other width -> the saved variables do not fit
     root = tmp_path / "c"
-    path = root / "manifests" / f"{0:020d}.json"
-    data = path.read_bytes()
-    body = data[data.index(b'"manifest":') + 11 : -2]
-    new_body = body.replace(b'"units":6', b'"units":7')
-    assert new_body != body
-    import xxhash
-
-    path.write_bytes(
-        f'{{"format":"pitstop/1","checksum":"{xxhash.xxh3_128_hexdigest(new_body)}","manifest":'.encode()
-        + new_body
-        + b"}\n"
-    )
+    rewrite_manifest(root, lambda body: body.replace(b'"units":6', b'"units":7'))
     with pytest.raises(
         pitstop.StateMismatchError, match=r"model/dense/vars/kernel: saved float32\[5, 6\], expected float32\[5, 7\]"
     ):
@@ -208,3 +251,30 @@ def test_config_that_rebuilds_other_variables_is_a_mismatch(tmp_path: Path) -> N
 def test_no_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(pitstop.CheckpointNotFoundError, match="nothing has been saved"):
         pitstop.keras.load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "match"),
+    [
+        ({"keras": {"module": "os", "class_name": "system", "config": {"command": "false"}}},
+         pitstop.keras.ModelConfigError, "(?s)cannot rebuild.*system"),
+        ({"keras": {"module": "builtins", "class_name": "eval", "config": "1"}},
+         pitstop.keras.ModelConfigError, "cannot rebuild"),
+        ({"keras": {"class_name": "Dense", "config": {"units": 2}, "module": "keras.layers"}},
+         pitstop.keras.ModelConfigError, "rebuilds a Dense, not a keras.Model"),
+        ({"keras": "Sequential"}, pitstop.CorruptCheckpointError, "not a Keras object config"),
+        ({"keras": {"class_name": 7}}, pitstop.CorruptCheckpointError, "not a Keras object config"),
+    ],
+    ids=["os.system", "builtins.eval", "a layer", "string", "bad class_name"],
+)  # fmt: skip
+def test_forged_configs_never_run_code(tmp_path: Path, config: Any, error: type, match: str) -> None:
+    """A hostile manifest can only name Keras classes or registered ones; anything else is
+    refused before any import or call (Keras imports modules of its own packages only)."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    pitstop.save(tmp_path / "c", {"model": model})
+    original = json.dumps(manifest_tree(tmp_path / "c")["dict"]["model"]["object"]["config"], sort_keys=True,
+                          separators=(",", ":")).encode()  # fmt: skip
+    forged = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    rewrite_manifest(tmp_path / "c", lambda body: body.replace(original, forged))
+    with pytest.raises(error, match=match):
+        pitstop.keras.load_model(tmp_path / "c", 0)
