@@ -14,7 +14,11 @@ one boundary (``pitstop._storage``) with ``raise ... from exc``::
     ├── StateMismatchError(CheckpointError, ValueError)
     ├── UnsupportedStateError(CheckpointError, TypeError)
     ├── StorageError(CheckpointError, OSError)
-    └── DirectoryLockedError(CheckpointError, RuntimeError)
+    ├── DirectoryLockedError(CheckpointError, RuntimeError)
+    │
+    │   defined where they are raised, beside the framework code (imported lazily):
+    ├── pitstop.keras.ModelConfigError(CheckpointError, ValueError)
+    └── pitstop.interop.InteropError(CheckpointError, ValueError)
 
 Messages say what happened, where, and what to do next.
 """
