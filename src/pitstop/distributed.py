@@ -39,7 +39,25 @@ def _collective_error(framework: str, exc: BaseException) -> CheckpointError:
     )
 
 
-class TorchCoordinator:
+class _RankedCoordinator:
+    """What both coordinators share: the rank and world size fixed at creation."""
+
+    _rank: int
+    _world: int
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self._rank}, world_size={self._world})"
+
+
+class TorchCoordinator(_RankedCoordinator):
     """The coordinator of a ``torch.distributed`` job (gloo, or nccl with a GPU).
 
     Args:
@@ -70,14 +88,6 @@ class TorchCoordinator:
         self._world = int(dist.get_world_size(group))
         self._device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
     def all_max(self, values: Sequence[int]) -> list[int]:
         """Element-wise maximum of ``values`` over every rank of the group."""
         t = self._torch.tensor([int(v) for v in values] or [0], dtype=self._torch.int64, device=self._device)
@@ -87,11 +97,8 @@ class TorchCoordinator:
             raise _collective_error("torch.distributed", exc) from exc
         return [int(v) for v in t.tolist()][: len(values)]
 
-    def __repr__(self) -> str:
-        return f"TorchCoordinator(rank={self._rank}, world_size={self._world})"
 
-
-class TFCoordinator:
+class TFCoordinator(_RankedCoordinator):
     """The coordinator of a ``tf.distribute.MultiWorkerMirroredStrategy`` job.
 
     Ranks follow the strategy's own numbering: the ``chief`` task (if any) is rank 0,
@@ -128,14 +135,6 @@ class TFCoordinator:
         self._rank = task_id if task_type == "chief" else chiefs + task_id
         self._world = max(chiefs + workers, 1)
 
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
     def all_max(self, values: Sequence[int]) -> list[int]:
         """Element-wise maximum of ``values`` over every worker (an all-gather of the strategy)."""
         tf = self._tf
@@ -153,6 +152,3 @@ class TFCoordinator:
         except Exception as exc:  # TF raises UnavailableError, InternalError, ...
             raise _collective_error("tf.distribute", exc) from exc
         return [int(v) for v in out][: len(values)]
-
-    def __repr__(self) -> str:
-        return f"TFCoordinator(rank={self._rank}, world_size={self._world})"
