@@ -140,6 +140,20 @@ def test_slices_and_single_positions_agree_with_the_epoch() -> None:
     assert [order.index_at(4 * 1000 + p) for p in range(0, 1000, 97)] == whole[::97].tolist()
 
 
+def test_small_epoch_fast_path_is_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small datasets slice one computed epoch; the per-position path must agree exactly.
+    import pitstop.data._order as order_module
+
+    cached = DataOrder(300, seed=8)
+    cached.seek(250)
+    expected = [cached.peek(120).tolist(), cached.epoch_slice(3, 17, 42).tolist()]
+    monkeypatch.setattr(order_module, "_SMALL_EPOCH", 0)
+    direct = DataOrder(300, seed=8)
+    direct.seek(250)
+    assert [direct.peek(120).tolist(), direct.epoch_slice(3, 17, 42).tolist()] == expected
+    assert expected[1] == [ref_index(p, 300, 8, 3) for p in range(17, 42)]
+
+
 def test_positions_are_spread_uniformly() -> None:
     # Where does the example at each position land? Over many (seed, epoch) pairs, the
     # index served at a fixed position must be uniform over the dataset, and the indices

@@ -28,7 +28,7 @@ from ._split import keyed_hash
 __all__ = ["DataOrder"]
 
 #: Version of the state dict layout and of the permutation algorithm it refers to.
-#: Version 1 (pitstop <= 0.x before this change) sorted all n indices by a keyed hash;
+#: Version 1 (earlier development releases) sorted all n indices by a keyed hash;
 #: version 2 is the Feistel permutation below. A version-1 state names another order.
 STATE_VERSION = 2
 _STATE_KEYS = frozenset({"version", "num_examples", "seed", "shuffle", "epoch", "position"})
@@ -329,7 +329,7 @@ class DataOrder:
     def seek(self, global_position: int) -> None:
         """Jump to a global position: ``epoch = pos // n``, ``position = pos % n``.
 
-        O(1); the next read computes at most one permutation.
+        O(1); the next read costs O(batch), whatever n and the position.
 
         Args:
             global_position: Examples consumed since the start, ``>= 0``.
