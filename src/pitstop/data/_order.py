@@ -491,13 +491,19 @@ class DataOrder:
         if not self._shuffle:
             return np.arange(start, stop, dtype=np.int64)
         n = self._num_examples
+        # Read each cache into a local once: a tf.data thread may read while the training
+        # loop reads another epoch, and a cache must never pair one epoch with another's data.
         if n <= _SMALL_EPOCH and stop - start < n:
-            if self._small is None or self._small[0] != epoch:
-                self._small = (epoch, self._slice(epoch, 0, n))
-            return self._small[1][start:stop].copy()
-        if self._keys is None or self._keys[0] != epoch:
-            self._keys = (epoch, round_keys(self._seed, epoch))
-        keys = self._keys[1]
+            small = self._small
+            if small is None or small[0] != epoch:
+                small = (epoch, self._slice(epoch, 0, n))
+                self._small = small
+            return small[1][start:stop].copy()
+        cached = self._keys
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, round_keys(self._seed, epoch))
+            self._keys = cached
+        keys = cached[1]
         out = np.empty(stop - start, dtype=np.int64)
         for first in range(start, stop, _CHUNK):
             last = min(first + _CHUNK, stop)
