@@ -1,9 +1,10 @@
-"""Tests of pitstop.data.DataOrder: the pinned permutation, exact resume and hostile state."""
+"""Tests of pitstop.data.DataOrder: the pinned permutation, its quality, exact resume and hostile state."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -16,13 +17,27 @@ from pitstop.data import DataOrder
 
 from .test_split import ref_h
 
-ORDER_DOMAIN = 0x7F53596DEE287D4A  # xxh3_64(b"pitstop.data.order/v1"), see docs/data.md
+ORDER_DOMAIN = 0x637FC07E7E4221A3  # xxh3_64(b"pitstop.data.order/v2"), see docs/data.md
+
+
+def ref_index(p: int, n: int, seed: int, epoch: int) -> int:
+    """The index at position ``p`` of the order of docs/data.md, in plain Python ints."""
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    epoch_key = ref_h(epoch, ref_h(seed, ORDER_DOMAIN))
+    keys = [ref_h(r, epoch_key) for r in range(6)]
+    x = p
+    while True:
+        left, right = x >> h, x & ((1 << h) - 1)
+        for k in keys:
+            left, right = right, left ^ (ref_h(right, k) >> (64 - h))
+        x = (left << h) | right
+        if x < n:
+            return x
 
 
 def ref_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    """The order of docs/data.md, in plain Python."""
-    epoch_key = ref_h(epoch, ref_h(seed, ORDER_DOMAIN))
-    return sorted(range(n), key=lambda i: ref_h(i, epoch_key))
+    """The whole order of one epoch, from :func:`ref_index`."""
+    return [ref_index(p, n, seed, epoch) for p in range(n)]
 
 
 def take(order: DataOrder, batches: int, batch_size: int, drop_remainder: bool) -> list[list[int]]:
@@ -41,11 +56,27 @@ SEEDS = st.integers(min_value=0, max_value=2**64 - 1)
 
 
 def test_golden_permutations() -> None:
-    order = DataOrder(10, seed=0)
-    assert order.epoch_indices(0).tolist() == [4, 9, 2, 3, 8, 0, 5, 7, 1, 6]
-    assert order.epoch_indices(1).tolist() == [4, 6, 0, 5, 2, 1, 3, 9, 8, 7]
-    assert DataOrder(10, seed=1).epoch_indices(0).tolist() == [7, 4, 2, 3, 1, 0, 5, 8, 6, 9]
-    assert ref_permutation(10, 0, 0) == [4, 9, 2, 3, 8, 0, 5, 7, 1, 6]
+    # The values of docs/data.md's golden table; the reference implementation agrees.
+    golden = {
+        (10, 0, 0): [0, 5, 8, 1, 9, 4, 6, 7, 2, 3],
+        (10, 0, 1): [8, 6, 7, 5, 0, 2, 9, 4, 3, 1],
+        (10, 1, 0): [6, 8, 4, 5, 3, 0, 1, 9, 2, 7],
+    }
+    for (n, seed, epoch), expected in golden.items():
+        assert DataOrder(n, seed=seed).epoch_indices(epoch).tolist() == expected
+        assert ref_permutation(n, seed, epoch) == expected
+    big = DataOrder(10**12, seed=2**64 - 1)
+    assert big.index_at(7 * 10**12 + 123_456_789) == ref_index(123_456_789, 10**12, 2**64 - 1, 7)
+
+
+def test_round_keys_and_half_width_follow_the_spec() -> None:
+    from pitstop.data._order import half_width, round_keys
+
+    assert [half_width(n) for n in (1, 2, 4, 5, 16, 17, 2**62, 2**62 + 1, 2**63 - 1)] == [
+        1, 1, 1, 2, 2, 3, 31, 32, 32,
+    ]  # fmt: skip
+    epoch_key = ref_h(9, ref_h(3, ORDER_DOMAIN))
+    assert round_keys(3, 9) == [ref_h(r, epoch_key) for r in range(6)]
 
 
 @settings(max_examples=100, deadline=None)
@@ -54,6 +85,18 @@ def test_matches_reference_implementation(n: int, seed: int, epoch: int) -> None
     got = DataOrder(n, seed=seed).epoch_indices(epoch)
     assert got.dtype == np.int64
     assert got.tolist() == ref_permutation(n, seed, epoch)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 2**63 - 1), seed=SEEDS, epoch=st.integers(0, 2**63 - 1), data=st.data())
+def test_random_access_matches_reference_at_any_size(n: int, seed: int, epoch: int, data: st.DataObject) -> None:
+    order = DataOrder(n, seed=seed)
+    start = data.draw(st.integers(0, n - 1))
+    stop = min(n, start + data.draw(st.integers(0, 5)))
+    expected = [ref_index(p, n, seed, epoch) for p in range(start, stop)]
+    assert order.epoch_slice(epoch, start, stop).tolist() == expected
+    if start < n:
+        assert order.index_at(epoch * n + start) == ref_index(start, n, seed, epoch)
 
 
 # --- epochs ----------------------------------------------------------------------------------
@@ -71,6 +114,83 @@ def test_large_epoch_is_a_permutation() -> None:
     assert np.array_equal(np.bincount(indices, minlength=10**6), np.ones(10**6))
 
 
+def sizes_to_check() -> list[int]:
+    """1, 2, 3, powers of two and their neighbours, and fixed random sizes up to 10**6."""
+    sizes = {1, 2, 3}
+    for bits in range(1, 21):
+        sizes |= {2**bits - 1, 2**bits, 2**bits + 1}
+    rng = np.random.default_rng(1234)  # fixed: the sizes are test inputs, not the order
+    sizes |= {int(v) for v in rng.integers(1, 10**6, size=12)}
+    return sorted(s for s in sizes if s <= 10**6 + 1)
+
+
+def test_every_size_gives_a_permutation() -> None:
+    for n in sizes_to_check():
+        for seed, epoch in ((0, 0), (2**64 - 1, 5)):
+            indices = DataOrder(n, seed=seed).epoch_indices(epoch)
+            counts = np.bincount(indices, minlength=n)
+            assert counts.size == n and bool((counts == 1).all()), (n, seed, epoch)
+
+
+def test_slices_and_single_positions_agree_with_the_epoch() -> None:
+    order = DataOrder(1000, seed=11)
+    whole = order.epoch_indices(4)
+    for start, stop in ((0, 0), (0, 1000), (999, 1000), (123, 456), (1000, 1000)):
+        assert order.epoch_slice(4, start, stop).tolist() == whole[start:stop].tolist()
+    assert [order.index_at(4 * 1000 + p) for p in range(0, 1000, 97)] == whole[::97].tolist()
+
+
+def test_small_epoch_fast_path_is_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small datasets slice one computed epoch; the per-position path must agree exactly.
+    import pitstop.data._order as order_module
+
+    cached = DataOrder(300, seed=8)
+    cached.seek(250)
+    expected = [cached.peek(120).tolist(), cached.epoch_slice(3, 17, 42).tolist()]
+    monkeypatch.setattr(order_module, "_SMALL_EPOCH", 0)
+    direct = DataOrder(300, seed=8)
+    direct.seek(250)
+    assert [direct.peek(120).tolist(), direct.epoch_slice(3, 17, 42).tolist()] == expected
+    assert expected[1] == [ref_index(p, 300, 8, 3) for p in range(17, 42)]
+
+
+def test_positions_are_spread_uniformly() -> None:
+    # Where does the example at each position land? Over many (seed, epoch) pairs, the
+    # index served at a fixed position must be uniform over the dataset, and the indices
+    # at neighbouring positions independent. Chi-square on 10 buckets, fixed seeds, with
+    # thresholds far in the tail (p < 1e-6 for a uniform source), so the test cannot flake
+    # yet catches an identity-like or clustered order.
+    n, buckets, trials = 1000, 10, 4000
+    positions = [0, 1, 499, 999]
+    hits = np.zeros((len(positions), buckets))
+    pairs = np.zeros((buckets, buckets))
+    for t in range(trials):
+        order = DataOrder(n, seed=t // 4)
+        got = order.epoch_slice(t % 4, 0, n)[positions]
+        hits[np.arange(len(positions)), got * buckets // n] += 1
+        pairs[got[0] * buckets // n, got[1] * buckets // n] += 1
+    expected = trials / buckets
+    for row in hits:
+        chi2 = float(((row - expected) ** 2 / expected).sum())
+        assert chi2 < 50.0, row  # 9 degrees of freedom: p(chi2 > 50) ~ 1e-7
+    pair_expected = trials / buckets**2
+    chi2_pairs = float(((pairs - pair_expected) ** 2 / pair_expected).sum())
+    assert chi2_pairs < 200.0, pairs  # 99 dof: mean 99, sd 14; 200 is > 7 sd out
+
+
+def test_displacement_is_that_of_a_random_permutation() -> None:
+    # For a uniform random permutation of n the mean |index - position| is (n**2 - 1) / (3n).
+    n = 10**5
+    expected = (n * n - 1) / (3 * n)
+    for seed in range(5):
+        indices = DataOrder(n, seed=seed).epoch_indices(seed)
+        displacement = float(np.abs(indices - np.arange(n)).mean())
+        # sd of the mean is ~ n / sqrt(18 n) ~ 75 here; allow 1% (~ 4 sd)
+        assert math.isclose(displacement, expected, rel_tol=0.01), (seed, displacement)
+        fixed = int((indices == np.arange(n)).sum())
+        assert fixed < 15  # fixed points of a random permutation: Poisson(1)
+
+
 def test_epochs_and_seeds_differ() -> None:
     order = DataOrder(100, seed=5)
     epochs = {tuple(order.epoch_indices(e).tolist()) for e in range(20)}
@@ -86,15 +206,27 @@ def test_no_shuffle_is_index_order() -> None:
     assert take(order, 3, 2, False) == [[0, 1], [2, 3], [4, 0]]
 
 
-def test_current_epoch_is_cached_and_read_only() -> None:
+def test_results_are_fresh_arrays() -> None:
     order = DataOrder(50, seed=1)
     first = order.epoch_indices(0)
-    assert order.epoch_indices(0) is first
-    with pytest.raises(ValueError, match="read-only"):
-        first[0] = 1
+    first[0] = -1
     peeked = order.peek(5)
-    peeked[0] = -1  # peek hands out a copy
+    peeked[1] = -1
     assert order.epoch_indices(0)[0] != -1
+    assert order.peek(5)[1] != -1
+
+
+def test_resume_deep_in_a_huge_epoch_needs_no_epoch_array() -> None:
+    # n = 10**15 would need 8 PB as an array; a resume near its end is O(batch).
+    n = 10**15
+    saved = DataOrder(n, seed=5)
+    saved.seek(3 * n + n - 4)
+    resumed = DataOrder(n, seed=5)
+    resumed.load_state_dict(json_round_trip(saved.state_dict()))
+    batch = resumed.next_batch(6)
+    expected = [ref_index(p, n, 5, 3) for p in range(n - 4, n)] + [ref_index(p, n, 5, 4) for p in range(2)]
+    assert batch.tolist() == expected
+    assert (resumed.epoch, resumed.position) == (4, 2)
 
 
 # --- reading and moving ----------------------------------------------------------------------
@@ -277,7 +409,7 @@ def test_other_seed_or_shuffle_is_a_mismatch() -> None:
         DataOrder(10, seed=1, shuffle=False).load_state_dict(state)
 
 
-VALID = {"version": 1, "num_examples": 10, "seed": 0, "shuffle": True, "epoch": 2, "position": 3}
+VALID = {"version": 2, "num_examples": 10, "seed": 0, "shuffle": True, "epoch": 2, "position": 3}
 
 
 @pytest.mark.parametrize(
@@ -288,8 +420,9 @@ VALID = {"version": 1, "num_examples": 10, "seed": 0, "shuffle": True, "epoch": 
         ({}, "missing key"),
         ({**VALID, "extra": 1}, "unknown key 'extra'"),
         ({k: v for k, v in VALID.items() if k != "position"}, "missing key 'position'"),
-        ({**VALID, "version": 2}, "version 2"),
-        ({**VALID, "version": "1"}, "version must be an int"),
+        ({**VALID, "version": 3}, "version 3"),
+        ({**VALID, "version": 0}, "version 0"),
+        ({**VALID, "version": "2"}, "version must be an int"),
         ({**VALID, "position": -1}, "position"),
         ({**VALID, "position": 10}, "position 10 is not below"),
         ({**VALID, "position": 3.0}, "position must be an int"),
@@ -301,6 +434,7 @@ VALID = {"version": 1, "num_examples": 10, "seed": 0, "shuffle": True, "epoch": 
         ({**VALID, "seed": 2**64}, "seed"),
         ({**VALID, "num_examples": 0}, "num_examples"),
         ({**VALID, "num_examples": "10"}, "num_examples"),
+        ({**VALID, "num_examples": 2**63}, "num_examples"),
         ({**VALID, "shuffle": 1}, "shuffle must be a bool"),
         ({**VALID, "shuffle": "true"}, "shuffle must be a bool"),
     ],
@@ -311,6 +445,18 @@ def test_malformed_state_is_corrupt(state: object, match: str) -> None:
     with pytest.raises(CorruptCheckpointError, match=match):
         order.load_state_dict(state)  # type: ignore[arg-type]
     assert (order.epoch, order.position) == (0, 4)  # unchanged
+
+
+def test_state_of_the_old_algorithm_is_refused() -> None:
+    # Version 1 sorted the indices by a hash; its (epoch, position) names other examples
+    # under version 2, so restoring it must fail rather than silently change the order.
+    order = DataOrder(10)
+    order.advance(4)
+    with pytest.raises(StateMismatchError, match=r"version 1.*older pitstop.*other examples") as info:
+        order.load_state_dict({**VALID, "version": 1})
+    assert [(m.path, m.saved, m.expected) for m in info.value.mismatched] == [("version", "1", "2")]
+    assert "start the order afresh" in str(info.value)
+    assert (order.epoch, order.position) == (0, 4)
 
 
 JSON_VALUES = st.recursive(
@@ -325,7 +471,7 @@ JSON_VALUES = st.recursive(
     values=st.fixed_dictionaries(
         {},
         optional={
-            "version": st.just(1) | JSON_VALUES,
+            "version": st.just(2) | JSON_VALUES,
             "num_examples": st.just(10) | JSON_VALUES,
             "seed": st.integers(0, 3) | JSON_VALUES,
             "shuffle": st.booleans() | JSON_VALUES,
@@ -363,6 +509,13 @@ def test_hostile_state_raises_only_checkpoint_errors(values: dict[str, object], 
         (lambda: DataOrder(10, seed=2**64), ValueError, "seed"),
         (lambda: DataOrder(10, shuffle=1), TypeError, "shuffle"),  # type: ignore[arg-type]
         (lambda: DataOrder(10).epoch_indices(-1), ValueError, "epoch"),
+        (lambda: DataOrder(2**63), ValueError, "num_examples"),
+        (lambda: DataOrder(10).epoch_slice(0, 3, 2), ValueError, "stop"),
+        (lambda: DataOrder(10).epoch_slice(0, 0, 11), ValueError, "stop"),
+        (lambda: DataOrder(10).epoch_slice(0, -1, 2), ValueError, "start"),
+        (lambda: DataOrder(10).epoch_slice(2**63, 0, 2), ValueError, "epoch"),
+        (lambda: DataOrder(10).index_at(-1), ValueError, "global_position"),
+        (lambda: DataOrder(10).index_at(10 * 2**63), ValueError, "global_position"),
         (lambda: DataOrder(10).peek(-1), ValueError, "count"),
         (lambda: DataOrder(10).advance(-1), ValueError, "count"),
         (lambda: DataOrder(10).advance(1.0), TypeError, "count"),  # type: ignore[arg-type]

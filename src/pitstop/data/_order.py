@@ -2,10 +2,12 @@
 
 :class:`DataOrder` says which example indices training sees, and keeps where it is as
 ``(epoch, position)``. Design reasons: the state is a handful of integers, so saving it
-costs nothing whatever the dataset size, and resuming at any position costs at most one
-permutation computation, never a replay of the batches already consumed. Each epoch's
-permutation is defined by our own arithmetic -- the indices sorted by a keyed splitmix64
-hash of ``(seed, epoch, index)`` -- rather than by ``numpy.random``, whose streams may
+costs nothing whatever the dataset size. Each epoch's permutation is a keyed pseudo-random
+permutation evaluated per position -- a balanced Feistel network whose round function is
+the keyed splitmix64 mixer, restricted to ``[0, n)`` by cycle walking -- so the index at
+any position costs O(1) and a batch O(batch): resuming at any position of any epoch costs
+O(1) time and memory whatever n, with no epoch array built and nothing replayed. The
+arithmetic is our own uint64 arithmetic rather than ``numpy.random``, whose streams may
 change between NumPy versions; so an order saved today resumes identically on another
 machine or NumPy tomorrow. The position counts what training *consumed* (``advance``), not
 what a prefetching pipeline produced, which is what makes the resumed batches identical.
@@ -26,40 +28,100 @@ from ._split import keyed_hash
 __all__ = ["DataOrder"]
 
 #: Version of the state dict layout and of the permutation algorithm it refers to.
-STATE_VERSION = 1
+#: Version 1 (earlier development releases) sorted all n indices by a keyed hash;
+#: version 2 is the Feistel permutation below. A version-1 state names another order.
+STATE_VERSION = 2
 _STATE_KEYS = frozenset({"version", "num_examples", "seed", "shuffle", "epoch", "position"})
 #: 64-bit constant separating the order's hashes from every other use of the mixer;
-#: it is xxh3_64(b"pitstop.data.order/v1"), written out so no library call defines it.
-_ORDER_DOMAIN = 0x7F53596DEE287D4A
+#: it is xxh3_64(b"pitstop.data.order/v2"), written out so no library call defines it.
+_ORDER_DOMAIN = 0x637FC07E7E4221A3
+#: Feistel rounds; 4 make a pseudo-random permutation (Luby-Rackoff), 6 leave a margin
+#: for the small half-widths of small datasets.
+_ROUNDS = 6
 _SEED_LIMIT = 1 << 64  # seeds are in [0, 2**64)
 _EPOCH_LIMIT = 1 << 63  # epochs are in [0, 2**63)
-_CACHE_SIZE = 2  # the current epoch's permutation and the next one (peek across the edge)
+_SIZE_LIMIT = 1 << 63  # num_examples < 2**63: indices are int64
+#: Positions evaluated per vectorised pass when a whole epoch is asked for, bounding the
+#: temporaries (a few arrays of this many uint64) whatever n.
+_CHUNK = 1 << 20
+#: Up to this n, the current epoch's whole order is computed once and sliced (512 KiB at
+#: most): byte-identical to evaluating each position, since :func:`permute` is
+#: elementwise, and faster for small datasets, where cycle walking and per-call NumPy
+#: overhead dominate a batch. Larger datasets evaluate each batch's positions.
+_SMALL_EPOCH = 1 << 16
 
 
-def permutation(num_examples: int, seed: int, epoch: int) -> NDArray[np.int64]:
-    """Compute the shuffled order of ``0 .. num_examples-1`` for one epoch.
-
-    ``k = H(epoch; H(seed; DOMAIN))`` and the order is ``argsort(H(i; k))`` over the
-    indices ``i``, with ``H(x; s) = mix64(s + x * GOLDEN_GAMMA mod 2**64)``. ``H`` is a
-    bijection in ``x``, so the sort keys are distinct and the order is unique.
+def half_width(num_examples: int) -> int:
+    """Return h, the Feistel half width: the least ``h >= 1`` with ``4**h >= n``.
 
     Args:
-        num_examples: The dataset size n (>= 0).
+        num_examples: The dataset size n, in ``[1, 2**63)``.
+
+    Returns:
+        ``h`` in ``[1, 32]``; the Feistel network permutes ``[0, 2**(2*h))``.
+
+    Example:
+        >>> [half_width(n) for n in (1, 4, 5, 16, 17)]
+        [1, 1, 2, 2, 3]
+    """
+    return max(1, ((num_examples - 1).bit_length() + 1) // 2)
+
+
+def round_keys(seed: int, epoch: int) -> list[int]:
+    """Return the Feistel round keys of ``(seed, epoch)``: ``H(r, H(epoch, H(seed, D)))``.
+
+    Args:
         seed: The order's seed, in ``[0, 2**64)``.
         epoch: The epoch, in ``[0, 2**63)``.
 
     Returns:
-        A new int64 array holding a permutation of ``0 .. n-1``.
-
-    Example:
-        >>> sorted(permutation(5, seed=0, epoch=0).tolist())
-        [0, 1, 2, 3, 4]
+        ``_ROUNDS`` keys, each in ``[0, 2**64)``.
     """
     seed_key = int(keyed_hash(np.array([seed], dtype=np.uint64), _ORDER_DOMAIN)[0])
     epoch_key = int(keyed_hash(np.array([epoch], dtype=np.uint64), seed_key)[0])
-    sort_keys = keyed_hash(np.arange(num_examples, dtype=np.uint64), epoch_key)
-    # The keys are distinct, so any sort algorithm gives this same order.
-    return np.argsort(sort_keys).astype(np.int64, copy=False)
+    return [int(k) for k in keyed_hash(np.arange(_ROUNDS, dtype=np.uint64), epoch_key)]
+
+
+def _feistel(x: NDArray[np.uint64], keys: list[int], h: int) -> NDArray[np.uint64]:
+    """Apply the balanced Feistel network over ``[0, 2**(2h))`` to ``x`` (a new array)."""
+    low = np.uint64((1 << h) - 1)
+    top = np.uint64(64 - h)  # F takes the hash's top h bits, the best-mixed ones
+    shift = np.uint64(h)
+    left = x >> shift
+    right = x & low
+    for key in keys:
+        left ^= keyed_hash(right, key) >> top
+        left, right = right, left
+    left <<= shift
+    left |= right
+    return left
+
+
+def permute(positions: NDArray[np.uint64], num_examples: int, keys: list[int]) -> NDArray[np.int64]:
+    """Map positions of an epoch to the example indices served there (vectorised).
+
+    Each position ``p < n`` goes through the Feistel network, again and again while the
+    result is ``>= n`` (cycle walking); only the lanes still outside ``[0, n)`` are
+    iterated. That restricts the network's permutation of ``[0, 4**h)`` to one of
+    ``[0, n)``: the walk from ``p`` stays on ``p``'s cycle, which contains ``p < n``.
+
+    Args:
+        positions: uint64 positions, each in ``[0, num_examples)`` (not modified).
+        num_examples: The dataset size n.
+        keys: The round keys, from :func:`round_keys`.
+
+    Returns:
+        A new int64 array of example indices, same shape as ``positions``.
+    """
+    n = np.uint64(num_examples)
+    h = half_width(num_examples)
+    out = _feistel(positions, keys, h)
+    lanes = np.flatnonzero(out >= n)
+    while lanes.size:
+        walked = _feistel(out[lanes], keys, h)
+        out[lanes] = walked
+        lanes = lanes[walked >= n]
+    return out.view(np.int64)
 
 
 class DataOrder:
@@ -79,7 +141,8 @@ class DataOrder:
 
     Raises:
         TypeError: An argument has the wrong type.
-        ValueError: ``num_examples < 1`` or ``seed`` is outside ``[0, 2**64)``.
+        ValueError: ``num_examples`` is outside ``[1, 2**63)`` or ``seed`` outside
+            ``[0, 2**64)``.
 
     Example:
         >>> order = DataOrder(10, seed=42)
@@ -92,14 +155,15 @@ class DataOrder:
     """
 
     def __init__(self, num_examples: int, *, seed: int = 0, shuffle: bool = True) -> None:
-        self._num_examples = _check_int(num_examples, "num_examples", minimum=1)
+        self._num_examples = _check_int(num_examples, "num_examples", minimum=1, limit=_SIZE_LIMIT)
         self._seed = _check_int(seed, "seed", minimum=0, limit=_SEED_LIMIT)
         if not isinstance(shuffle, (bool, np.bool_)):
             raise TypeError(f"shuffle must be a bool, not {type(shuffle).__name__}")
         self._shuffle = bool(shuffle)
         self._epoch = 0
         self._position = 0
-        self._cache: dict[int, NDArray[np.int64]] = {}
+        self._keys: tuple[int, list[int]] | None = None  # (epoch, its round keys)
+        self._small: tuple[int, NDArray[np.int64]] | None = None  # (epoch, order), small n
 
     # -- configuration and position ---------------------------------------------------
 
@@ -138,14 +202,14 @@ class DataOrder:
     def epoch_indices(self, epoch: int) -> NDArray[np.int64]:
         """Return the order of all n indices in ``epoch``.
 
-        The current epoch's array (and the next one's) is cached, so calling this every
-        step is cheap. The array is read-only; copy it to modify it.
+        This computes the whole epoch, O(n) time and memory; training needs only
+        :meth:`epoch_slice` (or :meth:`peek`), which costs O(batch) whatever n.
 
         Args:
             epoch: Any epoch in ``[0, 2**63)``, not only the current one.
 
         Returns:
-            A read-only int64 array, a permutation of ``0 .. n-1``.
+            A new int64 array, a permutation of ``0 .. n-1``.
 
         Raises:
             ValueError: ``epoch`` is negative or too large.
@@ -154,12 +218,64 @@ class DataOrder:
             >>> DataOrder(4, shuffle=False).epoch_indices(3).tolist()
             [0, 1, 2, 3]
         """
-        return self._indices(_check_int(epoch, "epoch", minimum=0, limit=_EPOCH_LIMIT))
+        return self.epoch_slice(epoch, 0, self._num_examples)
+
+    def epoch_slice(self, epoch: int, start: int, stop: int) -> NDArray[np.int64]:
+        """Return ``epoch_indices(epoch)[start:stop]`` without computing the rest of the epoch.
+
+        Each position is evaluated on its own (a keyed Feistel permutation, see
+        docs/data.md), so this costs O(stop - start) time and memory whatever n and
+        whatever ``start``: resuming deep into a huge epoch is as cheap as starting it.
+
+        Args:
+            epoch: Any epoch in ``[0, 2**63)``.
+            start: First position, in ``[0, n]``.
+            stop: End position (exclusive), in ``[start, n]``.
+
+        Returns:
+            A new int64 array of ``stop - start`` indices.
+
+        Raises:
+            ValueError: ``epoch`` is out of range, or not ``0 <= start <= stop <= n``.
+
+        Example:
+            >>> order = DataOrder(10**12, seed=1)    # no array of 10**12 is ever built
+            >>> order.epoch_slice(5, 10**12 - 3, 10**12).shape
+            (3,)
+        """
+        e = _check_int(epoch, "epoch", minimum=0, limit=_EPOCH_LIMIT)
+        n = self._num_examples
+        first = _check_int(start, "start", minimum=0, limit=n + 1)
+        last = _check_int(stop, "stop", minimum=first, limit=n + 1)
+        return self._slice(e, first, last)
+
+    def index_at(self, global_position: int) -> int:
+        """Return the example index served at a global position, in O(1).
+
+        Args:
+            global_position: ``epoch * n + position``, ``>= 0`` and below epoch 2**63.
+
+        Returns:
+            The index in ``[0, n)``; it equals ``epoch_indices(epoch)[position]``.
+
+        Raises:
+            ValueError: ``global_position`` is negative or beyond the last epoch.
+
+        Example:
+            >>> DataOrder(5, shuffle=False).index_at(7)
+            2
+        """
+        target = _check_int(global_position, "global_position", minimum=0)
+        epoch, position = divmod(target, self._num_examples)
+        if epoch >= _EPOCH_LIMIT:
+            raise ValueError(f"global_position {target} lies beyond the last epoch (2**63 - 1)")
+        return int(self._slice(epoch, position, position + 1)[0])
 
     def peek(self, count: int) -> NDArray[np.int64]:
         """Return the next ``count`` indices without consuming them.
 
         The indices continue into the following epochs when the current one runs out.
+        O(count), whatever n and the position.
 
         Args:
             count: How many indices, ``>= 0``.
@@ -181,12 +297,12 @@ class DataOrder:
         parts: list[NDArray[np.int64]] = []
         while remaining > 0:
             take = min(remaining, n - start)
-            parts.append(self._indices(epoch)[start : start + take])
+            parts.append(self._slice(epoch, start, start + take))
             remaining -= take
             epoch, start = epoch + 1, 0
         if not parts:
             return np.empty(0, dtype=np.int64)
-        return np.concatenate(parts)  # always a fresh, writable copy
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # -- moving -----------------------------------------------------------------------
 
@@ -213,7 +329,7 @@ class DataOrder:
     def seek(self, global_position: int) -> None:
         """Jump to a global position: ``epoch = pos // n``, ``position = pos % n``.
 
-        O(1); the next read computes at most one permutation.
+        O(1); the next read costs O(batch), whatever n and the position.
 
         Args:
             global_position: Examples consumed since the start, ``>= 0``.
@@ -329,13 +445,14 @@ class DataOrder:
         Raises:
             CorruptCheckpointError: ``state`` is malformed: not a mapping, a missing or
                 unknown key, a value of the wrong type or out of range, or an
-                unsupported version.
+                unknown version.
             StateMismatchError: ``state`` is valid but was saved by an order with a
-                different ``num_examples``, ``seed`` or ``shuffle``.
+                different ``num_examples``, ``seed`` or ``shuffle``, or by an older
+                pitstop whose order algorithm (an older ``version``) differs.
 
         Example:
             >>> order = DataOrder(10)
-            >>> order.load_state_dict({"version": 1, "num_examples": 10, "seed": 0,
+            >>> order.load_state_dict({"version": 2, "num_examples": 10, "seed": 0,
             ...                        "shuffle": True, "epoch": 2, "position": 7})
             >>> order.global_position
             27
@@ -369,26 +486,30 @@ class DataOrder:
 
     # -- internals --------------------------------------------------------------------
 
-    def _indices(self, epoch: int) -> NDArray[np.int64]:
-        """Return the cached read-only order of ``epoch``, computing it if needed."""
-        cached = self._cache.get(epoch)
-        if cached is not None:
-            return cached
-        if self._shuffle:
-            indices = permutation(self._num_examples, self._seed, epoch)
-        elif self._cache:  # without shuffle every epoch is the same array
-            indices = next(iter(self._cache.values()))
-        else:
-            indices = np.arange(self._num_examples, dtype=np.int64)
-        indices.flags.writeable = False
-        # Keep the current and the next epoch's arrays; evict any other before adding.
-        keep = (self._epoch, self._epoch + 1)
-        for old in [e for e in self._cache if e not in keep]:
-            del self._cache[old]
-        if len(self._cache) >= _CACHE_SIZE:  # both kept ones are cached: drop the next
-            del self._cache[self._epoch + 1]
-        self._cache[epoch] = indices
-        return indices
+    def _slice(self, epoch: int, start: int, stop: int) -> NDArray[np.int64]:
+        """Return positions ``start .. stop-1`` of ``epoch`` (arguments already checked)."""
+        if not self._shuffle:
+            return np.arange(start, stop, dtype=np.int64)
+        n = self._num_examples
+        # Read each cache into a local once: a tf.data thread may read while the training
+        # loop reads another epoch, and a cache must never pair one epoch with another's data.
+        if n <= _SMALL_EPOCH and stop - start < n:
+            small = self._small
+            if small is None or small[0] != epoch:
+                small = (epoch, self._slice(epoch, 0, n))
+                self._small = small
+            return small[1][start:stop].copy()
+        cached = self._keys
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, round_keys(self._seed, epoch))
+            self._keys = cached
+        keys = cached[1]
+        out = np.empty(stop - start, dtype=np.int64)
+        for first in range(start, stop, _CHUNK):
+            last = min(first + _CHUNK, stop)
+            positions = np.arange(first, last, dtype=np.uint64)
+            out[first - start : last - start] = permute(positions, n, keys)
+        return out
 
     def _check_batch(self, batch_size: int, drop_remainder: bool) -> int:
         size = _check_int(batch_size, "batch_size", minimum=1)
@@ -430,7 +551,7 @@ def _parse_state(state: object) -> dict[str, int | bool]:
         raise CorruptCheckpointError("data order state is malformed: " + "; ".join(problems), problems=problems)
     limits = {
         "version": (0, None),
-        "num_examples": (1, None),
+        "num_examples": (1, _SIZE_LIMIT),
         "seed": (0, _SEED_LIMIT),
         "epoch": (0, _EPOCH_LIMIT),
         "position": (0, None),
@@ -444,6 +565,15 @@ def _parse_state(state: object) -> dict[str, int | bool]:
         if number < minimum or (limit is not None and number >= limit):
             raise CorruptCheckpointError(f"data order state: {name} = {number} is out of range")
         parsed[name] = number
+    if 1 <= parsed["version"] < STATE_VERSION:
+        raise StateMismatchError(
+            f"data order state has version {parsed['version']}: it was saved by an older pitstop "
+            f"whose shuffle differs from this one's (version {STATE_VERSION}, docs/data.md), so "
+            "restoring it would silently serve other examples. Resume with the pitstop release "
+            "that saved it, or start the order afresh (DataOrder(...).seek(epoch * "
+            "num_examples + position) keeps the count, not the examples)",
+            mismatched=[Mismatch("version", saved=repr(parsed["version"]), expected=repr(STATE_VERSION))],
+        )
     if parsed["version"] != STATE_VERSION:
         raise CorruptCheckpointError(
             f"data order state has version {parsed['version']}, but this pitstop reads "

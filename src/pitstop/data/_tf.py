@@ -244,12 +244,11 @@ def tf_dataset(
 
     def index_batches() -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64]]]:
         epoch, cursor = iteration_start(order, size, drop)  # the private production cursor
-        indices = order.epoch_indices(epoch)
         while cursor < n:
             end = min(cursor + size, n)
             if drop and end - cursor < size:
                 return
-            batch = np.array(indices[cursor:end], dtype=np.int64)
+            batch = order.epoch_slice(epoch, cursor, end)  # O(batch): no epoch array is built
             seeds = example_seeds(order_seed, epoch, batch) if map_fn is not None else np.zeros((0, 2), np.int64)
             yield batch, seeds
             cursor = end

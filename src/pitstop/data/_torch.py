@@ -97,13 +97,12 @@ class DataOrderSampler(Sampler[list[Any]]):
     def __iter__(self) -> Iterator[list[Any]]:
         order, size, drop = self.order, self.batch_size, self.drop_last
         epoch, cursor = iteration_start(order, size, drop)  # the private production cursor
-        indices = order.epoch_indices(epoch)
         n = order.num_examples
         while cursor < n:
             end = min(cursor + size, n)
             if drop and end - cursor < size:
                 return
-            batch = indices[cursor:end]
+            batch = order.epoch_slice(epoch, cursor, end)  # O(batch): no epoch array is built
             if self.with_seeds:
                 seeds = example_seeds(order.seed, epoch, batch)[:, 0]
                 yield list(zip(batch.tolist(), seeds.tolist(), strict=True))
