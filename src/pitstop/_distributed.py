@@ -12,9 +12,11 @@ part stays in its memory: it is the one that merges, and every rank waits on tha
 The framework's collective is the barrier, never a socket of ours: after every rank has
 written its part (barrier 1, which also tells everyone whether some rank failed), the
 chief (rank 0) merges the parts into one ordinary manifest and publishes it — the same
-single atomic commit as a one-process save — then applies retention and removes the
-parts; barrier 2 tells every rank whether the commit succeeded, so no rank runs ahead of
-the commit. A rank that dies before the commit leaves no committed step.
+single atomic commit as a one-process save — and removes the parts; barrier 2 tells
+every rank whether the commit succeeded, so no rank runs ahead of the commit. Only then
+does the chief apply retention (no rank waits for it; no rank writes for the next save
+before the chief joins its first collective). A rank that dies before the commit leaves
+no committed step.
 
 The merged manifest is plain format v1: a :class:`PerRank` value is an object node of
 type ``pitstop._distributed.PerRank`` whose state is a dict keyed by rank (``"0"``,

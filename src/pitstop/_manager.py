@@ -514,12 +514,31 @@ class CheckpointManager:
             )
         if chief_failed:
             raise CheckpointError(
-                f"rank 0 failed to commit step {step} or to apply retention after it (rank 0's error says "
-                f"why); earlier checkpoints in {self.directory} are intact",
+                f"rank 0 failed to commit step {step} (rank 0's error says why); earlier checkpoints in "
+                f"{self.directory} are intact",
                 path=self.directory,
                 step=step,
             )
         self.last_save_stats = stats
+        if self._rank == 0:
+            # After barrier 2, so that no rank waits for it. No rank writes objects for
+            # another save until rank 0 joins that save's first collective, i.e. until
+            # this returns: a concurrent garbage collection cannot meet unreferenced new
+            # objects, and the step just committed is referenced.
+            self._retain_after_commit(step)
+
+    def _retain_after_commit(self, step: int) -> None:
+        try:
+            with paused_gc():
+                self._apply_retention()
+        except Exception as exc:
+            raise CheckpointError(
+                f"step {step} is committed in {self.directory}, but applying retention and garbage "
+                f"collection after it failed ({exc}); the checkpoint is intact. Older checkpoints or "
+                "unreferenced data may remain: the next save retries, or run gc()",
+                path=self.directory,
+                step=step,
+            ) from exc
 
     def _commit_parts(self, step: int, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
         with paused_gc():
@@ -539,7 +558,6 @@ class CheckpointManager:
             with self._cache_lock:
                 self._cache[step] = manifest
             self._dedup_index().add(manifest)
-            self._apply_retention()
 
     def _on_preempted(self) -> None:
         self.wait_until_finished()  # the preemption checkpoint is committed before anything else

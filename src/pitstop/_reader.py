@@ -248,26 +248,49 @@ def _run(
         _raise_problems(sorted({f"{describe(i)}: {msg}" for i, msg in problems}), step, where)
 
 
-def _check_objects(storage: Storage, manifest: Manifest, requests: Mapping[int, Any], where: str) -> None:
-    """Before allocating anything: every object exists and holds the bytes referenced.
+def _in_place(target: np.ndarray[Any, Any] | None, t: ArrayTable, i: int) -> bool:
+    """Whether array ``i`` is read straight into ``target`` (no buffer of its own)."""
+    return (
+        target is not None
+        and target.flags.c_contiguous
+        and target.flags.writeable
+        and target.dtype == _dtype(t.dtypes[i])
+        and target.nbytes == t.nbytes[i]
+    )
+
+
+def _check_objects(
+    storage: Storage, manifest: Manifest, requests: Mapping[int, Any], pool: Executor, where: str
+) -> None:
+    """Before allocating anything: every object read into new buffers holds the bytes referenced.
 
     A hostile manifest could otherwise claim a terabyte array and make the reader
-    allocate it; with this check it needs a terabyte file on disk first.
+    allocate it; with this check it needs a terabyte file on disk first. Uncompressed
+    segments read straight into the caller's arrays (an in-place restore) allocate
+    nothing the manifest sizes: their objects are not inspected here, a missing or short
+    object fails that read itself (``MissingFileError``/``ShortReadError``, reported as
+    corruption). The others are inspected in parallel on the pool: on an object store
+    each is a HEAD request of tens of milliseconds.
     """
     t = manifest.arrays
+    starts, codecs = t.starts, t.codecs
     needed: dict[str, int] = {}
-    if len(requests) == len(t):
-        segs: Any = range(t.segment_count)
-    else:
-        segs = (j for i in requests for j in range(t.starts[i], t.starts[i + 1]))
-    for j in segs:
-        end = t.offsets[j] + t.stored[j]
-        o = t.objects[j]
-        if needed.get(o, -1) < end:
-            needed[o] = end
+    for i, target in requests.items():
+        lo, hi = starts[i], starts[i + 1]
+        if _in_place(target, t, i) and all(codecs[j] == CODEC_NONE for j in range(lo, hi)):
+            continue
+        for j in range(lo, hi):
+            end = t.offsets[j] + t.stored[j]
+            o = t.objects[j]
+            if needed.get(o, -1) < end:
+                needed[o] = end
+    if not needed:
+        return
+    names = sorted(needed)
+    sizes = list(pool.map(storage.object_size, names)) if len(names) > 1 else [storage.object_size(names[0])]
     problems = []
-    for name, end in sorted(needed.items()):
-        size = storage.object_size(name)
+    for name, size in zip(names, sizes, strict=True):
+        end = needed[name]
         if size is None:
             problems.append(f"object {name} is missing (or a symbolic link)")
         elif size < end:
@@ -298,7 +321,7 @@ def read_arrays(
     Raises:
         CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
     """
-    _check_objects(storage, manifest, requests, where)
+    _check_objects(storage, manifest, requests, pool, where)
     t = manifest.arrays
     starts, lengths, objects = t.starts, t.lengths, t.objects
     out: dict[int, np.ndarray[Any, Any]] = {}
@@ -312,11 +335,11 @@ def read_arrays(
             by_object[objects[first]].append(p)
             fresh.append((i, p))
             continue
-        dtype = _dtype(t.dtypes[i])
-        if target is not None and target.flags.c_contiguous and target.flags.writeable and target.dtype == dtype:
+        if _in_place(target, t, i):
+            assert target is not None
             dest = target
         else:
-            dest = np.empty(t.shapes[i], dtype=dtype)
+            dest = np.empty(t.shapes[i], dtype=_dtype(t.dtypes[i]))
             if target is not None:
                 copies.append((target, dest))
         out[i] = target if target is not None else dest

@@ -1,0 +1,103 @@
+"""Request counts of restores: which objects are inspected before reading, and where.
+
+Counts calls through a storage wrapper, never timings: on an object store every
+``object_size`` is a HEAD request (tens of milliseconds).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pitstop
+from pitstop._storage import LocalStorage
+
+
+class SizeCounting(LocalStorage):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.sizes: list[str] = []  # the thread of each object_size call
+
+    def object_size(self, name: str) -> int | None:
+        self.sizes.append(threading.current_thread().name)
+        return super().object_size(name)
+
+
+def _state() -> dict[str, Any]:
+    # three chunk objects (> 1 MiB each) and one pack of small arrays
+    return {f"big{i}": np.full(300_000, i, np.float64) for i in range(3)} | {"small": np.arange(10.0)}
+
+
+def _zeros() -> dict[str, Any]:
+    return {k: np.zeros_like(v) for k, v in _state().items()}
+
+
+def _manager(d: Path) -> tuple[pitstop.CheckpointManager, SizeCounting]:
+    mgr = pitstop.CheckpointManager(d, capture_rng=False)
+    storage = SizeCounting(str(d))
+    mgr._storage = storage
+    return mgr, storage
+
+
+def _save(d: Path, state: dict[str, Any], **kw: Any) -> None:
+    with pitstop.CheckpointManager(d, async_save=False, capture_rng=False, **kw) as mgr:
+        mgr.save(1, state)
+
+
+def _objects(d: Path) -> list[Path]:
+    return sorted((d / "objects").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def test_in_place_restore_inspects_no_object(tmp_path: Path) -> None:
+    _save(tmp_path / "c", _state())
+    assert len(_objects(tmp_path / "c")) == 4
+    mgr, storage = _manager(tmp_path / "c")
+    with mgr:
+        target = _zeros()
+        mgr.restore(target)
+        assert storage.sizes == []
+        for k, v in _state().items():
+            assert np.array_equal(target[k], v)
+
+
+def test_fresh_restore_inspects_every_object_on_the_pool(tmp_path: Path) -> None:
+    _save(tmp_path / "c", _state())
+    mgr, storage = _manager(tmp_path / "c")
+    with mgr:
+        _, tree = mgr.restore()
+        assert len(storage.sizes) == 4  # once per object: nothing is allocated unchecked
+        assert all(t.startswith("pitstop-io") for t in storage.sizes)
+        assert np.array_equal(tree["big2"], _state()["big2"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_in_place_restore_still_detects_a_damaged_object(tmp_path: Path, damage: str) -> None:
+    _save(tmp_path / "c", _state())
+    big = _objects(tmp_path / "c")[-1]
+    if damage == "truncate":
+        big.write_bytes(big.read_bytes()[:1000])
+    else:
+        big.unlink()
+    with (
+        pitstop.CheckpointManager(tmp_path / "c", capture_rng=False) as mgr,
+        pytest.raises(pitstop.CorruptCheckpointError) as info,
+    ):
+        mgr.restore(_zeros(), step=1)
+    msg = str(info.value)
+    assert big.name in msg and "step 1" in msg
+    assert ("truncated" if damage == "truncate" else "missing") in msg
+
+
+def test_compressed_pieces_are_inspected_before_reading_in_place(tmp_path: Path) -> None:
+    # a compressed piece is read into a buffer sized by the manifest: it must be checked first
+    _save(tmp_path / "c", {"z": np.zeros(400_000)}, compression="zstd")
+    mgr, storage = _manager(tmp_path / "c")
+    with mgr:
+        target = {"z": np.ones(400_000)}
+        mgr.restore(target)
+        assert len(storage.sizes) == 1
+        assert not target["z"].any()

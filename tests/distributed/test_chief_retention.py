@@ -1,0 +1,120 @@
+"""Rank 0 applies retention and garbage collection after barrier 2: no rank waits for it,
+its failure is rank 0's alone, and the committed step survives it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pitstop
+from pitstop._storage import LocalStorage, StorageError
+
+from .threads import ThreadCoordinator, run_ranks
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"w": np.full(50_000, step, np.float32), "b": np.arange(7.0) + step}
+
+
+class _GatedStorage(LocalStorage):
+    """Rank 0's storage: its first object deletion waits until rank 1 has returned from save()."""
+
+    def __init__(self, root: str, rank1_done: threading.Event) -> None:
+        super().__init__(root)
+        self.rank1_done = rank1_done
+        self.saw_rank1_done: list[bool] = []
+
+    def delete_object(self, name: str) -> None:
+        if not self.saw_rank1_done:
+            # bounded so that the old order (gc before barrier 2) fails instead of hanging
+            self.saw_rank1_done.append(self.rank1_done.wait(timeout=20))
+        super().delete_object(name)
+
+
+def test_other_ranks_do_not_wait_for_rank0_gc(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    rank1_done = threading.Event()
+    gated: list[_GatedStorage] = []
+
+    def run(coord: ThreadCoordinator) -> Any:
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=1, capture_rng=False) as mgr:
+            if coord.rank == 0:
+                storage = _GatedStorage(str(d), rank1_done)
+                mgr._storage = storage
+                gated.append(storage)
+            mgr.save(1, _state(1))
+            mgr.save(2, _state(2))  # retention drops step 1 and its objects
+            if coord.rank == 1:
+                rank1_done.set()
+            mgr.save(3, _state(3))
+            return mgr.all_steps()  # on rank 1 this may race rank 0's retention
+
+    results = run_ranks(2, run)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    assert gated[0].saw_rank1_done[:1] == [True]  # rank 1 had returned while rank 0 collected garbage
+    assert results[0] == [3] and 3 in results[1]
+    _, tree = pitstop.CheckpointManager(d).restore()
+    assert np.array_equal(tree["w"], _state(3)["w"])
+    assert pitstop.CheckpointManager(d).verify() == [3]
+
+
+class _FailingDeletes(LocalStorage):
+    def delete_manifest(self, name: str) -> None:
+        if not name.startswith("0" * 19 + "1") or ".part-" in name:
+            super().delete_manifest(name)
+            return
+        raise StorageError(f"deleting {name} failed: injected", path=name)
+
+
+def test_rank0_retention_failure_says_the_step_is_committed(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+
+    def run(coord: ThreadCoordinator) -> Any:
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=1, capture_rng=False) as mgr:
+            if coord.rank == 0:
+                mgr._storage = _FailingDeletes(str(d))
+            mgr.save(1, _state(1))
+            return mgr.save(2, _state(2))
+
+    results = run_ranks(2, run)
+    assert results[1] is True  # rank 1 is not told about rank 0's cleanup
+    err = results[0]
+    assert isinstance(err, pitstop.CheckpointError) and err.step == 2
+    msg = str(err)
+    assert "step 2 is committed" in msg and "retention" in msg and "injected" in msg and "gc()" in msg
+    with pitstop.CheckpointManager(d) as mgr:
+        assert mgr.all_steps() == [1, 2]  # step 1 could not be deleted; step 2 is committed
+        step, tree = mgr.restore()
+        assert step == 2 and np.array_equal(tree["b"], _state(2)["b"])
+        mgr.gc()  # a later gc cleans up what the failure left
+        assert mgr.verify() == [1, 2]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_committed_steps_survive_rank0_gc_over_many_saves(tmp_path: Path, world: int) -> None:
+    d = tmp_path / "ck"
+
+    def run(coord: ThreadCoordinator) -> Any:
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=2, capture_rng=False) as mgr:
+            for step in range(1, 7):
+                st = _state(step)
+                if step % 2:
+                    st["w"] = _state(1)["w"]  # deduplicated against an object retention may drop
+                mgr.save(step, st)
+            return mgr.all_steps()
+
+    results = run_ranks(world, run)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    with pitstop.CheckpointManager(d) as mgr:
+        assert mgr.verify() == [5, 6]
+        for s in (5, 6):
+            tree = mgr.restore(step=s)[1]
+            assert np.array_equal(tree["w"], _state(1 if s % 2 else s)["w"])
