@@ -271,7 +271,7 @@ class CheckpointManager:
         self._cache_lock = threading.Lock()
         self._lock: WriterLock | None = None
         self._index: DedupIndex | None = None
-        self._buffers: list[np.ndarray[Any, Any]] = []
+        self._buffers: list[np.ndarray[Any, Any] | None] = []
         self._closed = False
         self.last_save_stats: SaveStats | None = None
         self.last_save_blocked = False
@@ -572,15 +572,27 @@ class CheckpointManager:
         return manifest_name(step) in self._storage.list_manifests()
 
     def _snapshot(self, flat: FlatState) -> FlatState:
-        """Copy every array into host buffers reused from the previous save when they fit."""
+        """Copy every array into host buffers reused from the previous save when they fit.
+
+        Arrays the flattener marked fresh (an adapter's own copies, see
+        ``_tree.fresh_arrays``) are the snapshot already: they are kept, not copied again,
+        and never become reusable buffers (the next save must not write into them).
+        """
         out = []
+        buffers: list[np.ndarray[Any, Any] | None] = []
+        fresh = flat.fresh
         for i, a in enumerate(flat.arrays):
             buf = self._buffers[i] if i < len(self._buffers) else None
+            if i in fresh:
+                out.append(a)
+                buffers.append(buf)  # kept for a later save that copies this slot
+                continue
             if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
                 buf = np.empty_like(a)
             np.copyto(buf, a)
             out.append(buf)
-        self._buffers = out
+            buffers.append(buf)
+        self._buffers = buffers
         return FlatState(flat.tree, flat.rng, out, flat.paths)
 
     def _write(
