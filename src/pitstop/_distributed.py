@@ -457,9 +457,21 @@ def commit_merged(storage: Storage, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def remove_parts(storage: Storage, step: int | None = None) -> None:
-    """Delete the parts of ``step`` (or every leftover part)."""
-    for name in storage.list_manifests():
+def remove_parts(
+    storage: Storage, step: int | None = None, *, names: Sequence[str] | None = None, world_size: int | None = None
+) -> None:
+    """Delete the parts of ``step`` (or every leftover part).
+
+    Args:
+        names: A listing of ``manifests/`` just made (saves listing again).
+        world_size: With ``step``: the parts are those ranks 1.. of this world write, deleted
+            by name without a listing (deleting an absent part is a no-op).
+    """
+    if step is not None and world_size is not None:
+        for rank in range(1, world_size):
+            storage.delete_manifest(part_name(step, rank))
+        return
+    for name in storage.list_manifests() if names is None else names:
         if is_part_name(name) and (step is None or name.startswith(f"{step:020d}{_PART_INFIX}")):
             storage.delete_manifest(name)
 

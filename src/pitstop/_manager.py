@@ -293,8 +293,7 @@ class CheckpointManager:
     # -- listing ----------------------------------------------------------------------
     def all_steps(self) -> list[int]:
         """Steps of every committed checkpoint, ascending."""
-        steps = (step_of_manifest_name(n) for n in self._storage.list_manifests())
-        return sorted(s for s in steps if s is not None)
+        return _steps_of(self._storage.list_manifests())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or ``None`` when there is none."""
@@ -321,9 +320,10 @@ class CheckpointManager:
             self._cache[step] = m
         return m
 
-    def _records(self) -> tuple[list[Record], list[int]]:
+    def _records(self, steps: Sequence[int] | None = None) -> tuple[list[Record], list[int]]:
+        """Records of ``steps`` (default: a fresh listing), and the corrupt ones among them."""
         records, corrupt = [], []
-        for s in self.all_steps():
+        for s in self.all_steps() if steps is None else sorted(steps):
             try:
                 records.append(Record(s, self._manifest(s).metrics))
             except CheckpointNotFoundError:
@@ -366,14 +366,36 @@ class CheckpointManager:
                 path=self.directory,
             )
 
-    def _acquire(self) -> None:
-        if self._lock is None:
-            self._storage.ensure_layout()
-            self._lock = self._storage.lock()
-            for tmp in self._storage.list_temporaries():  # leftovers of killed writers
-                self._storage.delete_temporary(tmp)
-            _dist.remove_parts(self._storage)
-            self._collect_garbage(dry_run=False)
+    def _acquire(self) -> list[int] | None:
+        """Take the writer lock if not held yet and clean up after killed writers.
+
+        Returns:
+            When it took the lock: the committed steps it listed meanwhile (still current:
+            only this manager writes now), else ``None``.
+        """
+        if self._lock is not None:
+            return None
+        self._storage.ensure_layout()
+        self._lock = self._storage.lock()
+        for tmp in self._storage.list_temporaries():  # leftovers of killed writers
+            self._storage.delete_temporary(tmp)
+        names = self._storage.list_manifests()
+        _dist.remove_parts(self._storage, names=names)
+        steps = _steps_of(names)
+        self._collect_garbage(dry_run=False, steps=steps)
+        return steps
+
+    def _writer_steps(self) -> list[int]:
+        """The committed steps, listed once per save by the lock holder and then kept up to date.
+
+        Only the holder of the writer lock (local ``flock``, object-store lease) commits or
+        deletes steps, so what it listed at the start of a save stays true for that save:
+        its own commit and deletions are applied to the list instead of listing again
+        (each listing is a request of tens of milliseconds on an object store). A lease
+        lost meanwhile makes the commit itself fail (``DirectoryLockedError``), before the
+        list is used for retention. Ranks other than 0 and readers always list.
+        """
+        return self.all_steps()
 
     def save(
         self,
@@ -416,9 +438,10 @@ class CheckpointManager:
         step = int(step)
         want = force or not step % self._interval
         preempt = self._watcher is not None and self._watcher.requested
+        listed: list[int] | None = None
         if self._coord is not None:
             if self._rank == 0:
-                self._acquire()  # before any rank writes: taking the directory cleans leftovers
+                listed = self._acquire()  # before any rank writes: taking the directory cleans leftovers
             # every rank saves if any rank wants to; a preemption on any rank preempts all
             code = self._coord.all_max([2 if preempt else int(want)])[0]
             want, preempt = code >= 1, code == 2
@@ -429,7 +452,7 @@ class CheckpointManager:
         else:
             codec = _compression_option(None if compression == "none" else compression, self._compression_level)
         if self._coord is not None:
-            self._save_multi(step, state, metrics, metadata, codec)
+            self._save_multi(step, state, metrics, metadata, codec, listed)
         else:
             self._save_local(step, state, metrics, metadata, codec)
         if preempt:
@@ -447,8 +470,9 @@ class CheckpointManager:
     def _save_local(self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None) -> None:
         clean_metrics = _clean_metrics(metrics)
         clean_metadata = _clean_metadata(metadata)
-        self._acquire()
-        if self._storage_has(step):
+        listed = self._acquire()
+        steps = listed if listed is not None else self._writer_steps()
+        if step in steps:
             raise self._exists_error(step)
         with paused_gc():
             rng = _capture_rng() if self._capture_rng else None
@@ -463,26 +487,36 @@ class CheckpointManager:
         self.last_save_blocked = not background
         if background:
             assert self._writer is not None
-            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata, codec))
+            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata, codec, steps))
         else:
-            self._write(step, flat, clean_metrics, clean_metadata, codec)
+            self._write(step, flat, clean_metrics, clean_metadata, codec, steps)
 
-    def _save_multi(self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None) -> None:
-        """One rank's side of a multi-worker save (see ``pitstop._distributed``)."""
+    def _save_multi(
+        self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None, listed: list[int] | None
+    ) -> None:
+        """One rank's side of a multi-worker save (see ``pitstop._distributed``).
+
+        ``listed``: on rank 0, the steps ``_acquire`` listed when it took the lock just now.
+        """
         assert self._coord is not None
         error: BaseException | None = None
         clean_metrics: dict[str, float] = {}
         clean_metadata: dict[str, Any] = {}
         stats: SaveStats | None = None
+        steps: list[int] = []
         try:
             clean_metrics = _clean_metrics(metrics)
             clean_metadata = _clean_metadata(metadata)
-            if self._storage_has(step):
+            if listed is not None:
+                steps = listed
+            else:
+                steps = self._writer_steps() if self._rank == 0 else self.all_steps()
+            if step in steps:
                 raise self._exists_error(step)
             with paused_gc(), _dist.rank_context(self._rank):
                 rng = _capture_rng() if self._capture_rng else {}
                 flat = flatten_state(state, _dist.PerRank(rng))
-                index = self._dedup_index()
+                index = self._dedup_index(steps)
                 written, stats = _dist.write_part(
                     self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
                     index=index, compression=codec,
@@ -495,7 +529,7 @@ class CheckpointManager:
         if self._rank == 0:
             try:
                 if failed:
-                    _dist.remove_parts(self._storage, step)
+                    _dist.remove_parts(self._storage, step, world_size=self._world)
                 else:
                     self._commit_parts(step, clean_metrics, clean_metadata)
             except Exception as exc:
@@ -525,12 +559,12 @@ class CheckpointManager:
             # another save until rank 0 joins that save's first collective, i.e. until
             # this returns: a concurrent garbage collection cannot meet unreferenced new
             # objects, and the step just committed is referenced.
-            self._retain_after_commit(step)
+            self._retain_after_commit(step, [*steps, step])
 
-    def _retain_after_commit(self, step: int) -> None:
+    def _retain_after_commit(self, step: int, steps: list[int]) -> None:
         try:
             with paused_gc():
-                self._apply_retention()
+                self._apply_retention(steps)
         except Exception as exc:
             raise CheckpointError(
                 f"step {step} is committed in {self.directory}, but applying retention and garbage "
@@ -554,7 +588,7 @@ class CheckpointManager:
                     step=step,
                 ) from None
             finally:
-                _dist.remove_parts(self._storage, step)
+                _dist.remove_parts(self._storage, step, world_size=self._world)
             with self._cache_lock:
                 self._cache[step] = manifest
             self._dedup_index().add(manifest)
@@ -602,13 +636,14 @@ class CheckpointManager:
         metrics: dict[str, float],
         metadata: dict[str, Any],
         codec: Compression | None = None,
+        steps: list[int] | None = None,
     ) -> None:
         with paused_gc():
-            self._write_unpaused(step, flat, metrics, metadata, codec)
+            self._write_unpaused(step, flat, metrics, metadata, codec, steps)
 
-    def _dedup_index(self) -> DedupIndex:
+    def _dedup_index(self, steps: list[int] | None = None) -> DedupIndex:
         if self._index is None:
-            records, _ = self._records()
+            records, _ = self._records(steps)
             ms = []
             for r in records:
                 try:
@@ -625,8 +660,9 @@ class CheckpointManager:
         metrics: dict[str, float],
         metadata: dict[str, Any],
         codec: Compression | None = None,
+        steps: list[int] | None = None,
     ) -> None:
-        index = self._dedup_index()
+        index = self._dedup_index(steps)
         try:
             manifest, stats = write_checkpoint(
                 self._storage,
@@ -648,21 +684,27 @@ class CheckpointManager:
             self._cache[step] = manifest
         index.add(manifest)
         self.last_save_stats = stats
-        self._apply_retention()
+        self._apply_retention(None if steps is None else [*steps, step])
 
-    def _apply_retention(self) -> None:
-        records, _ = self._records()
+    def _apply_retention(self, steps: list[int] | None = None) -> None:
+        """Delete the steps the rules drop, then unreferenced data.
+
+        Args:
+            steps: The committed steps, as the lock holder knows them (see
+                ``_writer_steps``); ``None`` lists them.
+        """
+        records, _ = self._records(steps)
         keep = select(self._rules, records)
         for r in records:
             if r.step not in keep:
                 self._storage.delete_manifest(manifest_name(r.step))
                 with self._cache_lock:
                     self._cache.pop(r.step, None)
-        self._collect_garbage(dry_run=False)
+        self._collect_garbage(dry_run=False, steps=[r.step for r in records if r.step in keep])
 
-    def _collect_garbage(self, *, dry_run: bool) -> GcReport:
+    def _collect_garbage(self, *, dry_run: bool, steps: list[int] | None = None) -> GcReport:
         report = GcReport()
-        records, corrupt = self._records()
+        records, corrupt = self._records(steps)
         if corrupt:
             warnings.warn(
                 f"{self.directory}: checkpoints {corrupt} have unreadable manifests; their data "
@@ -718,15 +760,16 @@ class CheckpointManager:
         self._check_open()
         self._check_chief("delete()")
         self.wait_until_finished()
-        self._acquire()
-        if not self._storage_has(step):
+        listed = self._acquire()
+        steps = listed if listed is not None else self._writer_steps()
+        if step not in steps:
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
             )
         self._storage.delete_manifest(manifest_name(step))
         with self._cache_lock:
             self._cache.pop(step, None)
-        self._collect_garbage(dry_run=False)
+        self._collect_garbage(dry_run=False, steps=[s for s in steps if s != step])
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
@@ -984,6 +1027,12 @@ class CheckpointManager:
                 problems=problems,
             )
         return verified
+
+
+def _steps_of(names: Sequence[str]) -> list[int]:
+    """The steps of the committed manifests among ``manifests/`` names, ascending."""
+    steps = (step_of_manifest_name(n) for n in names)
+    return sorted(s for s in steps if s is not None)
 
 
 def _check_rank_plan(

@@ -101,3 +101,54 @@ def test_compressed_pieces_are_inspected_before_reading_in_place(tmp_path: Path)
         mgr.restore(target)
         assert len(storage.sizes) == 1
         assert not target["z"].any()
+
+
+class ListCounting(LocalStorage):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.lists: dict[str, int] = {"manifests": 0, "objects": 0, "temporaries": 0}
+
+    def list_manifests(self) -> list[str]:
+        self.lists["manifests"] += 1
+        return super().list_manifests()
+
+    def list_objects(self) -> list[str]:
+        self.lists["objects"] += 1
+        return super().list_objects()
+
+    def list_temporaries(self) -> list[str]:
+        self.lists["temporaries"] += 1
+        return super().list_temporaries()
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_save_lists_manifests_and_objects_once(tmp_path: Path, async_save: bool) -> None:
+    d = tmp_path / "c"
+    state = _state()
+    with pitstop.CheckpointManager(d, max_to_keep=2, async_save=False, capture_rng=False) as mgr:
+        for step in range(3):
+            state["small"] += 1
+            mgr.save(step, state)
+    mgr = pitstop.CheckpointManager(d, max_to_keep=2, async_save=async_save, capture_rng=False)
+    storage = ListCounting(str(d))
+    mgr._storage = storage
+    with mgr:
+        state["small"] += 1
+        mgr.save(10, state)  # takes the lock: cleans leftovers, then saves
+        mgr.wait_until_finished()
+        assert storage.lists == {"manifests": 1, "temporaries": 1, "objects": 2}
+        for step in (11, 12):
+            storage.lists = dict.fromkeys(storage.lists, 0)
+            state["small"] += 1
+            mgr.save(step, state)
+            mgr.wait_until_finished()
+            assert storage.lists == {"manifests": 1, "temporaries": 0, "objects": 1}
+        assert mgr.all_steps() == [11, 12]  # retention worked from the kept listing
+        with pytest.raises(pitstop.CheckpointExistsError, match="step 12 already exists"):
+            mgr.save(12, state)
+    with pitstop.CheckpointManager(d) as reader:
+        assert reader.verify() == [11, 12]
+        assert np.array_equal(reader.restore()[1]["small"], state["small"])
+    assert sorted(p.name for p in (d / "objects").iterdir()) == sorted(
+        set(reader.manifest(11).objects) | set(reader.manifest(12).objects)
+    )

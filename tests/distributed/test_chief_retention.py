@@ -118,3 +118,43 @@ def test_committed_steps_survive_rank0_gc_over_many_saves(tmp_path: Path, world:
         for s in (5, 6):
             tree = mgr.restore(step=s)[1]
             assert np.array_equal(tree["w"], _state(1 if s % 2 else s)["w"])
+
+
+class _Listing(LocalStorage):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.manifest_lists = 0
+        self.object_lists = 0
+
+    def list_manifests(self) -> list[str]:
+        self.manifest_lists += 1
+        return super().list_manifests()
+
+    def list_objects(self) -> list[str]:
+        self.object_lists += 1
+        return super().list_objects()
+
+
+def test_rank0_lists_once_per_save(tmp_path: Path) -> None:
+    d = tmp_path / "ck"
+    counts: list[tuple[int, int]] = []
+
+    def run(coord: ThreadCoordinator) -> Any:
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=2, capture_rng=False) as mgr:
+            storage = _Listing(str(d))
+            mgr._storage = storage
+            for step in range(1, 5):
+                before = (storage.manifest_lists, storage.object_lists)
+                mgr.save(step, _state(step))
+                if coord.rank == 0 and step > 1:
+                    counts.append((storage.manifest_lists - before[0], storage.object_lists - before[1]))
+            return mgr.all_steps()
+
+    results = run_ranks(3, run)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    assert counts == [(1, 1)] * 3  # was 4 manifest listings: the check, the parts, retention, gc
+    with pitstop.CheckpointManager(d) as mgr:
+        assert mgr.verify() == [3, 4]
+        assert sorted(p.name for p in (d / "manifests").iterdir()) == [f"{s:020d}.json" for s in (3, 4)]
