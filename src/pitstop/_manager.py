@@ -823,12 +823,17 @@ class CheckpointManager:
         if mmap and state is not None:
             raise ValueError("mmap=True builds a new tree of read-only arrays: call restore(state=None, mmap=True)")
         self.wait_until_finished()
+        return self._restore(state, step, strict, mmap, None)
+
+    def _restore(
+        self, state: Any, step: int | None, strict: bool, mmap: bool, listed: list[int] | None
+    ) -> tuple[int, Any]:
         if self._coord is None:
-            return self._restore_any(state, step, strict, mmap)
+            return self._restore_any(state, step, strict, mmap, listed)
         error: BaseException | None = None
         got, tree = -1, None
         try:
-            got, tree = self._restore_any(state, step, strict, mmap)
+            got, tree = self._restore_any(state, step, strict, mmap, listed)
         except Exception as exc:  # every rank must reach the collective
             error = exc
         out = self._coord.all_max([int(error is not None), got, -got])
@@ -849,14 +854,19 @@ class CheckpointManager:
             )
         return got, tree
 
-    def _restore_any(self, state: Any, step: int | None, strict: bool, mmap: bool) -> tuple[int, Any]:
+    def _restore_any(
+        self, state: Any, step: int | None, strict: bool, mmap: bool, listed: list[int] | None = None
+    ) -> tuple[int, Any]:
+        """``listed``: the steps the caller has just listed, used for the first attempt."""
         if step is not None:
             return int(step), self._restore_known_step(int(step), state, strict, mmap)
         problems: list[str] = []
         tried: set[int] = set()
         for _ in range(_MAX_RELISTS):
             # re-list after every attempt: a live writer may commit or delete meanwhile
-            candidates = [s for s in self.all_steps() if s not in tried]
+            steps = listed if listed is not None else self.all_steps()
+            listed = None
+            candidates = [s for s in steps if s not in tried]
             if not candidates:
                 break
             s = candidates[-1]
@@ -891,9 +901,12 @@ class CheckpointManager:
 
         Returns 0 (and leaves ``state`` untouched) when the directory has no checkpoint.
         """
-        if not self.all_steps():
+        self._check_open()
+        self.wait_until_finished()
+        steps = self.all_steps()
+        if not steps:
             return 0
-        return self.restore(state, strict=strict)[0]
+        return self._restore(state, None, strict, False, steps)[0]
 
     def _restore_known_step(self, step: int, state: Any, strict: bool, mmap: bool = False) -> Any:
         try:

@@ -152,3 +152,19 @@ def test_a_save_lists_manifests_and_objects_once(tmp_path: Path, async_save: boo
     assert sorted(p.name for p in (d / "objects").iterdir()) == sorted(
         set(reader.manifest(11).objects) | set(reader.manifest(12).objects)
     )
+
+
+def test_restore_or_initialize_lists_once(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    _save(d, _state())
+    mgr = pitstop.CheckpointManager(d, capture_rng=False)
+    storage = ListCounting(str(d))
+    mgr._storage = storage
+    with mgr:
+        target = _zeros()
+        assert mgr.restore_or_initialize(target) == 1
+        assert storage.lists == {"manifests": 1, "objects": 0, "temporaries": 0}
+        assert np.array_equal(target["big1"], _state()["big1"])
+    empty = pitstop.CheckpointManager(tmp_path / "empty")
+    with empty:
+        assert empty.restore_or_initialize(_zeros()) == 0
