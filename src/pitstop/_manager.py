@@ -178,6 +178,8 @@ class CheckpointManager:
             state may take. A save whose arrays hold more is written synchronously
             instead (``save()`` blocks until it is committed, and allocates nothing).
             ``None``: no bound. Snapshot buffers are reused from one save to the next.
+            Arrays an adapter already copied out of its framework (TensorFlow/Keras
+            variables) are kept as they are and take no snapshot memory.
             ``last_save_blocked`` tells whether the last ``save()`` wrote synchronously.
 
     Example:
@@ -479,7 +481,8 @@ class CheckpointManager:
             flat = flatten_state(state, rng)
             background = self._writer is not None
             bound = self._max_snapshot
-            if background and bound is not None and sum(a.nbytes for a in flat.arrays) > bound:
+            copied = (a.nbytes for i, a in enumerate(flat.arrays) if i not in flat.fresh)
+            if background and bound is not None and sum(copied) > bound:
                 background = False  # block instead of allocating past the bound
                 self._buffers = []  # and hold no snapshot memory meanwhile
             if background:

@@ -110,3 +110,14 @@ def test_keras_async_save_snapshot_holds_with_fresh_variables(tmp_path: Path) ->
         mgr.restore(state, step=1)
     for v, s in zip(model.variables, saved, strict=True):
         assert np.array_equal(v.numpy(), s)
+
+
+def test_snapshot_bound_counts_only_the_arrays_it_copies(tmp_path: Path) -> None:
+    with pitstop.CheckpointManager(tmp_path / "c", capture_rng=False, max_snapshot_bytes=1000) as mgr:
+        obj = _Owned(np.arange(10_000.0))  # 80 kB, fresh: the snapshot allocates nothing for it
+        mgr.save(1, {"o": obj})
+        assert not mgr.last_save_blocked
+        mgr.save(2, {"o": obj, "plain": np.ones(1000)})  # 8 kB to copy: over the bound
+        assert mgr.last_save_blocked
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [1, 2]
