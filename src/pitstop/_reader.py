@@ -259,6 +259,13 @@ def _in_place(target: np.ndarray[Any, Any] | None, t: ArrayTable, i: int) -> boo
     )
 
 
+def _sizes(storage: Storage, names: list[str], pool: Executor) -> list[int | None]:
+    """Each object's size (``None``: missing), inspected in parallel (HEADs on object stores)."""
+    if len(names) <= 1:
+        return [storage.object_size(n) for n in names]
+    return list(pool.map(storage.object_size, names))
+
+
 def _check_objects(
     storage: Storage, manifest: Manifest, requests: Mapping[int, Any], pool: Executor, where: str
 ) -> None:
@@ -287,9 +294,8 @@ def _check_objects(
     if not needed:
         return
     names = sorted(needed)
-    sizes = list(pool.map(storage.object_size, names)) if len(names) > 1 else [storage.object_size(names[0])]
     problems = []
-    for name, size in zip(names, sizes, strict=True):
+    for name, size in zip(names, _sizes(storage, names, pool), strict=True):
         end = needed[name]
         if size is None:
             problems.append(f"object {name} is missing (or a symbolic link)")
@@ -308,12 +314,15 @@ def read_arrays(
     where: str,
     *,
     mmap: bool = False,
+    checked: bool = False,
 ) -> dict[int, np.ndarray[Any, Any]]:
     """Read the requested arrays; into the given target where it fits, else fresh.
 
     Args:
         mmap: Arrays without a target that are stored in one uncompressed segment become
             read-only views of the memory-mapped object (backends that can map only).
+        checked: The caller has just made sure every object read holds the bytes the
+            manifest references (``verify_manifest`` does): they are not inspected again.
 
     Returns:
         Array index -> the array holding the restored data (the target when given).
@@ -321,7 +330,8 @@ def read_arrays(
     Raises:
         CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
     """
-    _check_objects(storage, manifest, requests, pool, where)
+    if not checked:
+        _check_objects(storage, manifest, requests, pool, where)
     t = manifest.arrays
     starts, lengths, objects = t.starts, t.lengths, t.objects
     out: dict[int, np.ndarray[Any, Any]] = {}
@@ -369,16 +379,25 @@ def verify_manifest(
         Every problem found (empty when the checkpoint is intact).
     """
     problems: list[str] = []
-    for name, size in sorted(manifest.objects.items()):
-        actual = storage.object_size(name)
+    names = sorted(manifest.objects)
+    short: set[str] = set()  # reported here; the arrays stored in them are not read
+    for name, actual in zip(names, _sizes(storage, names, pool), strict=True):
+        size = manifest.objects[name]
         if actual is None:
             problems.append(f"object {name} is missing")
+            short.add(name)
         elif actual != size:
             problems.append(f"object {name} has {actual} bytes, the manifest says {size}")
-    # read in bounded batches so verifying a huge checkpoint does not need its size in RAM
+            if actual < size:
+                short.add(name)
+    # read in bounded batches so verifying a huge checkpoint does not need its size in RAM;
+    # every object read was just inspected (its size covers what the manifest references)
+    t = manifest.arrays
     batch: dict[int, np.ndarray[Any, Any] | None] = {}
     batch_bytes = 0
-    for i, n in enumerate(manifest.arrays.nbytes):
+    for i, n in enumerate(t.nbytes):
+        if short and any(t.objects[j] in short for j in range(t.starts[i], t.starts[i + 1])):
+            continue
         batch[i] = None
         batch_bytes += n
         if batch_bytes >= 512 << 20:
@@ -398,7 +417,7 @@ def _verify_batch(
     where: str,
 ) -> list[str]:
     try:
-        read_arrays(storage, manifest, batch, pool, describe, where)
+        read_arrays(storage, manifest, batch, pool, describe, where, checked=True)
     except CorruptCheckpointError as exc:
         return exc.problems
     return []

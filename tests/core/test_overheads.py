@@ -168,3 +168,24 @@ def test_restore_or_initialize_lists_once(tmp_path: Path) -> None:
     empty = pitstop.CheckpointManager(tmp_path / "empty")
     with empty:
         assert empty.restore_or_initialize(_zeros()) == 0
+
+
+def test_verify_inspects_each_object_once_and_checks_the_rest_despite_a_missing_one(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    _save(d, _state())
+    objs = _objects(d)  # smallest first: the pack of "small", then the three chunks
+    mgr, storage = _manager(d)
+    with mgr:
+        assert mgr.verify() == [1]
+        assert len(storage.sizes) == 4 and all(t.startswith("pitstop-io") for t in storage.sizes)
+        objs[-1].unlink()
+        data = bytearray(objs[-2].read_bytes())
+        data[100] ^= 1
+        objs[-2].write_bytes(bytes(data))
+        storage.sizes.clear()
+        with pytest.raises(pitstop.CorruptCheckpointError) as info:
+            mgr.verify()
+        assert len(storage.sizes) == 4
+    problems = info.value.problems
+    assert any(objs[-1].name in p and "missing" in p for p in problems), problems
+    assert any(objs[-2].name in p and "checksum" in p for p in problems), problems  # still read and checked
