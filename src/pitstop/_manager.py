@@ -529,50 +529,54 @@ class CheckpointManager:
             error = exc
         failed = self._coord.all_max([int(error is not None)])[0]  # barrier 1: all parts written
         chief_error: BaseException | None = None
-        if self._rank == 0:
+        if self._rank == 0 and not failed:
             try:
-                if failed:
-                    _dist.remove_parts(self._storage, step, world_size=self._world)
-                else:
-                    self._commit_parts(step, clean_metrics, clean_metadata)
+                self._commit_parts(step, clean_metrics, clean_metadata)
             except Exception as exc:
                 chief_error = exc
         chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed
-        if error is not None:
-            raise error
-        if chief_error is not None:
-            raise chief_error
-        if failed:
-            raise CheckpointError(
+        # Rank 0 cleans up after barrier 2, so that no rank waits for it: it removes the
+        # parts, then (after a commit) applies retention. No rank writes anything for
+        # another save until rank 0 joins that save's first collective, i.e. until this
+        # is done: the cleanup cannot meet the next save's parts or unreferenced new
+        # objects, and the step just committed is referenced.
+        failure: BaseException | None = error or chief_error
+        if failure is None and failed:
+            failure = CheckpointError(
                 f"step {step} was not saved: another rank failed to write its share (its own error says "
                 f"why); nothing was committed and earlier checkpoints in {self.directory} are intact",
                 path=self.directory,
                 step=step,
             )
-        if chief_failed:
-            raise CheckpointError(
+        if failure is None and chief_failed:
+            failure = CheckpointError(
                 f"rank 0 failed to commit step {step} (rank 0's error says why); earlier checkpoints in "
                 f"{self.directory} are intact",
                 path=self.directory,
                 step=step,
             )
-        self.last_save_stats = stats
         if self._rank == 0:
-            # After barrier 2, so that no rank waits for it. No rank writes objects for
-            # another save until rank 0 joins that save's first collective, i.e. until
-            # this returns: a concurrent garbage collection cannot meet unreferenced new
-            # objects, and the step just committed is referenced.
-            self._retain_after_commit(step, [*steps, step])
+            self._clean_up_after_commit(step, None if failure is not None else [*steps, step], failure)
+        if failure is not None:
+            raise failure
+        self.last_save_stats = stats
 
-    def _retain_after_commit(self, step: int, steps: list[int]) -> None:
+    def _clean_up_after_commit(self, step: int, steps: list[int] | None, failure: BaseException | None) -> None:
+        """Rank 0 after barrier 2: remove the parts of ``step``; after a commit (``steps``:
+        the committed steps), apply retention. Its error is rank 0's alone."""
         try:
-            with paused_gc():
-                self._apply_retention(steps)
+            _dist.remove_parts(self._storage, step, world_size=self._world, pool=self._pool)
+            if steps is not None:
+                with paused_gc():
+                    self._apply_retention(steps)
         except Exception as exc:
+            if failure is not None:  # the save failed anyway: say so, and what was left behind
+                failure.add_note(f"removing the parts of step {step} failed too ({exc}); run gc() to remove them")
+                return
             raise CheckpointError(
-                f"step {step} is committed in {self.directory}, but applying retention and garbage "
-                f"collection after it failed ({exc}); the checkpoint is intact. Older checkpoints or "
-                "unreferenced data may remain: the next save retries, or run gc()",
+                f"step {step} is committed in {self.directory}, but cleaning up after it (removing the "
+                f"ranks' parts, retention and garbage collection) failed ({exc}); the checkpoint is intact. "
+                "Older checkpoints or unreferenced data may remain: the next save retries, or run gc()",
                 path=self.directory,
                 step=step,
             ) from exc
@@ -590,8 +594,6 @@ class CheckpointManager:
                     path=self.directory,
                     step=step,
                 ) from None
-            finally:
-                _dist.remove_parts(self._storage, step, world_size=self._world)
             with self._cache_lock:
                 self._cache[step] = manifest
             self._dedup_index().add(manifest)

@@ -3,6 +3,7 @@ its failure is rank 0's alone, and the committed step survives it."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,54 @@ def test_rank0_lists_once_per_save(tmp_path: Path) -> None:
     with pitstop.CheckpointManager(d) as mgr:
         assert mgr.verify() == [3, 4]
         assert sorted(p.name for p in (d / "manifests").iterdir()) == [f"{s:020d}.json" for s in (3, 4)]
+
+
+class _GatedParts(LocalStorage):
+    """Rank 0's storage: deleting a part waits until the other ranks have returned from save()."""
+
+    def __init__(self, root: str, others_done: threading.Barrier) -> None:
+        super().__init__(root)
+        self.others_done = others_done
+        self.waited: list[bool] = []
+
+    def delete_manifest(self, name: str) -> None:
+        if ".part-" in name and not self.waited:
+            try:
+                self.others_done.wait(timeout=20)  # bounded: the old order fails instead of hanging
+                self.waited.append(True)
+            except threading.BrokenBarrierError:
+                self.waited.append(False)
+        super().delete_manifest(name)
+
+
+@pytest.mark.parametrize("outcome", ["committed", "mismatch"])
+def test_rank0_removes_parts_after_barrier2(tmp_path: Path, outcome: str) -> None:
+    d = tmp_path / "ck"
+    world = 3
+    others_done = threading.Barrier(world)  # ranks 1, 2 after save() and rank 0's first part deletion
+    gated: list[_GatedParts] = []
+
+    def run(coord: ThreadCoordinator) -> Any:
+        with pitstop.CheckpointManager(d, coordinator=coord, capture_rng=False) as mgr:
+            if coord.rank == 0:
+                gated.append(_GatedParts(str(d), others_done))
+                mgr._storage = gated[0]
+            st = _state(1)
+            if outcome == "mismatch" and coord.rank == 2:
+                st["b"] = np.zeros(3)  # replicated shapes differ: rank 0's merge refuses
+            try:
+                return mgr.save(1, st)
+            finally:
+                if coord.rank:
+                    others_done.wait(timeout=20)
+
+    results = run_ranks(world, run)
+    assert gated[0].waited == [True]  # ranks 1 and 2 had returned before rank 0 removed a part
+    if outcome == "committed":
+        assert results == [True, True, True]
+        assert pitstop.CheckpointManager(d).verify() == [1]
+    else:
+        assert isinstance(results[0], pitstop.StateMismatchError)
+        assert all("rank 0 failed to commit step 1" in str(r) for r in results[1:])
+        assert pitstop.CheckpointManager(d).all_steps() == []
+    assert not [n for n in os.listdir(d / "manifests") if ".part-" in n]
