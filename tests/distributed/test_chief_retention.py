@@ -168,14 +168,17 @@ class _GatedParts(LocalStorage):
         super().__init__(root)
         self.others_done = others_done
         self.waited: list[bool] = []
+        self.gate = threading.Lock()  # parts are deleted on several threads: the first one waits
 
     def delete_manifest(self, name: str) -> None:
-        if ".part-" in name and not self.waited:
-            try:
-                self.others_done.wait(timeout=20)  # bounded: the old order fails instead of hanging
-                self.waited.append(True)
-            except threading.BrokenBarrierError:
-                self.waited.append(False)
+        if ".part-" in name:
+            with self.gate:
+                if not self.waited:
+                    try:
+                        self.others_done.wait(timeout=20)  # bounded: the old order fails instead of hanging
+                        self.waited.append(True)
+                    except threading.BrokenBarrierError:
+                        self.waited.append(False)
         super().delete_manifest(name)
 
 
