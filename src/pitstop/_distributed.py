@@ -12,9 +12,11 @@ part stays in its memory: it is the one that merges, and every rank waits on tha
 The framework's collective is the barrier, never a socket of ours: after every rank has
 written its part (barrier 1, which also tells everyone whether some rank failed), the
 chief (rank 0) merges the parts into one ordinary manifest and publishes it — the same
-single atomic commit as a one-process save — then applies retention and removes the
-parts; barrier 2 tells every rank whether the commit succeeded, so no rank runs ahead of
-the commit. A rank that dies before the commit leaves no committed step.
+single atomic commit as a one-process save; barrier 2 tells every rank whether the
+commit succeeded, so no rank runs ahead of the commit. Only then does the chief remove
+the parts and apply retention (no rank waits for it; no rank writes for the next save
+before the chief joins its first collective). A rank that dies before the commit leaves
+no committed step.
 
 The merged manifest is plain format v1: a :class:`PerRank` value is an object node of
 type ``pitstop._distributed.PerRank`` whose state is a dict keyed by rank (``"0"``,
@@ -455,9 +457,31 @@ def commit_merged(storage: Storage, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def remove_parts(storage: Storage, step: int | None = None) -> None:
-    """Delete the parts of ``step`` (or every leftover part)."""
-    for name in storage.list_manifests():
+def remove_parts(
+    storage: Storage,
+    step: int | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    world_size: int | None = None,
+    pool: Executor | None = None,
+) -> None:
+    """Delete the parts of ``step`` (or every leftover part).
+
+    Args:
+        names: A listing of ``manifests/`` just made (saves listing again).
+        world_size: With ``step``: the parts are those ranks 1.. of this world write, deleted
+            by name without a listing (deleting an absent part is a no-op), on ``pool``
+            when given (one request each on an object store).
+    """
+    if step is not None and world_size is not None:
+        parts = [part_name(step, rank) for rank in range(1, world_size)]
+        if pool is not None and len(parts) > 1:
+            list(pool.map(storage.delete_manifest, parts))  # waits for all; raises the first error
+        else:
+            for name in parts:
+                storage.delete_manifest(name)
+        return
+    for name in storage.list_manifests() if names is None else names:
         if is_part_name(name) and (step is None or name.startswith(f"{step:020d}{_PART_INFIX}")):
             storage.delete_manifest(name)
 

@@ -178,6 +178,8 @@ class CheckpointManager:
             state may take. A save whose arrays hold more is written synchronously
             instead (``save()`` blocks until it is committed, and allocates nothing).
             ``None``: no bound. Snapshot buffers are reused from one save to the next.
+            Arrays an adapter already copied out of its framework (TensorFlow/Keras
+            variables) are kept as they are and take no snapshot memory.
             ``last_save_blocked`` tells whether the last ``save()`` wrote synchronously.
 
     Example:
@@ -271,7 +273,7 @@ class CheckpointManager:
         self._cache_lock = threading.Lock()
         self._lock: WriterLock | None = None
         self._index: DedupIndex | None = None
-        self._buffers: list[np.ndarray[Any, Any]] = []
+        self._buffers: list[np.ndarray[Any, Any] | None] = []
         self._closed = False
         self.last_save_stats: SaveStats | None = None
         self.last_save_blocked = False
@@ -293,8 +295,7 @@ class CheckpointManager:
     # -- listing ----------------------------------------------------------------------
     def all_steps(self) -> list[int]:
         """Steps of every committed checkpoint, ascending."""
-        steps = (step_of_manifest_name(n) for n in self._storage.list_manifests())
-        return sorted(s for s in steps if s is not None)
+        return _steps_of(self._storage.list_manifests())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or ``None`` when there is none."""
@@ -321,9 +322,10 @@ class CheckpointManager:
             self._cache[step] = m
         return m
 
-    def _records(self) -> tuple[list[Record], list[int]]:
+    def _records(self, steps: Sequence[int] | None = None) -> tuple[list[Record], list[int]]:
+        """Records of ``steps`` (default: a fresh listing), and the corrupt ones among them."""
         records, corrupt = [], []
-        for s in self.all_steps():
+        for s in self.all_steps() if steps is None else sorted(steps):
             try:
                 records.append(Record(s, self._manifest(s).metrics))
             except CheckpointNotFoundError:
@@ -366,14 +368,36 @@ class CheckpointManager:
                 path=self.directory,
             )
 
-    def _acquire(self) -> None:
-        if self._lock is None:
-            self._storage.ensure_layout()
-            self._lock = self._storage.lock()
-            for tmp in self._storage.list_temporaries():  # leftovers of killed writers
-                self._storage.delete_temporary(tmp)
-            _dist.remove_parts(self._storage)
-            self._collect_garbage(dry_run=False)
+    def _acquire(self) -> list[int] | None:
+        """Take the writer lock if not held yet and clean up after killed writers.
+
+        Returns:
+            When it took the lock: the committed steps it listed meanwhile (still current:
+            only this manager writes now), else ``None``.
+        """
+        if self._lock is not None:
+            return None
+        self._storage.ensure_layout()
+        self._lock = self._storage.lock()
+        for tmp in self._storage.list_temporaries():  # leftovers of killed writers
+            self._storage.delete_temporary(tmp)
+        names = self._storage.list_manifests()
+        _dist.remove_parts(self._storage, names=names)
+        steps = _steps_of(names)
+        self._collect_garbage(dry_run=False, steps=steps)
+        return steps
+
+    def _writer_steps(self) -> list[int]:
+        """The committed steps, listed once per save by the lock holder and then kept up to date.
+
+        Only the holder of the writer lock (local ``flock``, object-store lease) commits or
+        deletes steps, so what it listed at the start of a save stays true for that save:
+        its own commit and deletions are applied to the list instead of listing again
+        (each listing is a request of tens of milliseconds on an object store). A lease
+        lost meanwhile makes the commit itself fail (``DirectoryLockedError``), before the
+        list is used for retention. Ranks other than 0 and readers always list.
+        """
+        return self.all_steps()
 
     def save(
         self,
@@ -416,9 +440,10 @@ class CheckpointManager:
         step = int(step)
         want = force or not step % self._interval
         preempt = self._watcher is not None and self._watcher.requested
+        listed: list[int] | None = None
         if self._coord is not None:
             if self._rank == 0:
-                self._acquire()  # before any rank writes: taking the directory cleans leftovers
+                listed = self._acquire()  # before any rank writes: taking the directory cleans leftovers
             # every rank saves if any rank wants to; a preemption on any rank preempts all
             code = self._coord.all_max([2 if preempt else int(want)])[0]
             want, preempt = code >= 1, code == 2
@@ -429,7 +454,7 @@ class CheckpointManager:
         else:
             codec = _compression_option(None if compression == "none" else compression, self._compression_level)
         if self._coord is not None:
-            self._save_multi(step, state, metrics, metadata, codec)
+            self._save_multi(step, state, metrics, metadata, codec, listed)
         else:
             self._save_local(step, state, metrics, metadata, codec)
         if preempt:
@@ -447,15 +472,17 @@ class CheckpointManager:
     def _save_local(self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None) -> None:
         clean_metrics = _clean_metrics(metrics)
         clean_metadata = _clean_metadata(metadata)
-        self._acquire()
-        if self._storage_has(step):
+        listed = self._acquire()
+        steps = listed if listed is not None else self._writer_steps()
+        if step in steps:
             raise self._exists_error(step)
         with paused_gc():
             rng = _capture_rng() if self._capture_rng else None
             flat = flatten_state(state, rng)
             background = self._writer is not None
             bound = self._max_snapshot
-            if background and bound is not None and sum(a.nbytes for a in flat.arrays) > bound:
+            copied = (a.nbytes for i, a in enumerate(flat.arrays) if i not in flat.fresh)
+            if background and bound is not None and sum(copied) > bound:
                 background = False  # block instead of allocating past the bound
                 self._buffers = []  # and hold no snapshot memory meanwhile
             if background:
@@ -463,26 +490,36 @@ class CheckpointManager:
         self.last_save_blocked = not background
         if background:
             assert self._writer is not None
-            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata, codec))
+            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata, codec, steps))
         else:
-            self._write(step, flat, clean_metrics, clean_metadata, codec)
+            self._write(step, flat, clean_metrics, clean_metadata, codec, steps)
 
-    def _save_multi(self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None) -> None:
-        """One rank's side of a multi-worker save (see ``pitstop._distributed``)."""
+    def _save_multi(
+        self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None, listed: list[int] | None
+    ) -> None:
+        """One rank's side of a multi-worker save (see ``pitstop._distributed``).
+
+        ``listed``: on rank 0, the steps ``_acquire`` listed when it took the lock just now.
+        """
         assert self._coord is not None
         error: BaseException | None = None
         clean_metrics: dict[str, float] = {}
         clean_metadata: dict[str, Any] = {}
         stats: SaveStats | None = None
+        steps: list[int] = []
         try:
             clean_metrics = _clean_metrics(metrics)
             clean_metadata = _clean_metadata(metadata)
-            if self._storage_has(step):
+            if listed is not None:
+                steps = listed
+            else:
+                steps = self._writer_steps() if self._rank == 0 else self.all_steps()
+            if step in steps:
                 raise self._exists_error(step)
             with paused_gc(), _dist.rank_context(self._rank):
                 rng = _capture_rng() if self._capture_rng else {}
                 flat = flatten_state(state, _dist.PerRank(rng))
-                index = self._dedup_index()
+                index = self._dedup_index(steps)
                 written, stats = _dist.write_part(
                     self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
                     index=index, compression=codec,
@@ -492,34 +529,57 @@ class CheckpointManager:
             error = exc
         failed = self._coord.all_max([int(error is not None)])[0]  # barrier 1: all parts written
         chief_error: BaseException | None = None
-        if self._rank == 0:
+        if self._rank == 0 and not failed:
             try:
-                if failed:
-                    _dist.remove_parts(self._storage, step)
-                else:
-                    self._commit_parts(step, clean_metrics, clean_metadata)
+                self._commit_parts(step, clean_metrics, clean_metadata)
             except Exception as exc:
                 chief_error = exc
         chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed
-        if error is not None:
-            raise error
-        if chief_error is not None:
-            raise chief_error
-        if failed:
-            raise CheckpointError(
+        # Rank 0 cleans up after barrier 2, so that no rank waits for it: it removes the
+        # parts, then (after a commit) applies retention. No rank writes anything for
+        # another save until rank 0 joins that save's first collective, i.e. until this
+        # is done: the cleanup cannot meet the next save's parts or unreferenced new
+        # objects, and the step just committed is referenced.
+        failure: BaseException | None = error or chief_error
+        if failure is None and failed:
+            failure = CheckpointError(
                 f"step {step} was not saved: another rank failed to write its share (its own error says "
                 f"why); nothing was committed and earlier checkpoints in {self.directory} are intact",
                 path=self.directory,
                 step=step,
             )
-        if chief_failed:
-            raise CheckpointError(
-                f"rank 0 failed to commit step {step} or to apply retention after it (rank 0's error says "
-                f"why); earlier checkpoints in {self.directory} are intact",
+        if failure is None and chief_failed:
+            failure = CheckpointError(
+                f"rank 0 failed to commit step {step} (rank 0's error says why); earlier checkpoints in "
+                f"{self.directory} are intact",
                 path=self.directory,
                 step=step,
             )
+        if self._rank == 0:
+            self._clean_up_after_commit(step, None if failure is not None else [*steps, step], failure)
+        if failure is not None:
+            raise failure
         self.last_save_stats = stats
+
+    def _clean_up_after_commit(self, step: int, steps: list[int] | None, failure: BaseException | None) -> None:
+        """Rank 0 after barrier 2: remove the parts of ``step``; after a commit (``steps``:
+        the committed steps), apply retention. Its error is rank 0's alone."""
+        try:
+            _dist.remove_parts(self._storage, step, world_size=self._world, pool=self._pool)
+            if steps is not None:
+                with paused_gc():
+                    self._apply_retention(steps)
+        except Exception as exc:
+            if failure is not None:  # the save failed anyway: say so, and what was left behind
+                failure.add_note(f"removing the parts of step {step} failed too ({exc}); run gc() to remove them")
+                return
+            raise CheckpointError(
+                f"step {step} is committed in {self.directory}, but cleaning up after it (removing the "
+                f"ranks' parts, retention and garbage collection) failed ({exc}); the checkpoint is intact. "
+                "Older checkpoints or unreferenced data may remain: the next save retries, or run gc()",
+                path=self.directory,
+                step=step,
+            ) from exc
 
     def _commit_parts(self, step: int, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
         with paused_gc():
@@ -534,12 +594,9 @@ class CheckpointManager:
                     path=self.directory,
                     step=step,
                 ) from None
-            finally:
-                _dist.remove_parts(self._storage, step)
             with self._cache_lock:
                 self._cache[step] = manifest
             self._dedup_index().add(manifest)
-            self._apply_retention()
 
     def _on_preempted(self) -> None:
         self.wait_until_finished()  # the preemption checkpoint is committed before anything else
@@ -554,15 +611,27 @@ class CheckpointManager:
         return manifest_name(step) in self._storage.list_manifests()
 
     def _snapshot(self, flat: FlatState) -> FlatState:
-        """Copy every array into host buffers reused from the previous save when they fit."""
+        """Copy every array into host buffers reused from the previous save when they fit.
+
+        Arrays the flattener marked fresh (an adapter's own copies, see
+        ``_tree.fresh_arrays``) are the snapshot already: they are kept, not copied again,
+        and never become reusable buffers (the next save must not write into them).
+        """
         out = []
+        buffers: list[np.ndarray[Any, Any] | None] = []
+        fresh = flat.fresh
         for i, a in enumerate(flat.arrays):
             buf = self._buffers[i] if i < len(self._buffers) else None
+            if i in fresh:
+                out.append(a)
+                buffers.append(buf)  # kept for a later save that copies this slot
+                continue
             if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
                 buf = np.empty_like(a)
             np.copyto(buf, a)
             out.append(buf)
-        self._buffers = out
+            buffers.append(buf)
+        self._buffers = buffers
         return FlatState(flat.tree, flat.rng, out, flat.paths)
 
     def _write(
@@ -572,13 +641,14 @@ class CheckpointManager:
         metrics: dict[str, float],
         metadata: dict[str, Any],
         codec: Compression | None = None,
+        steps: list[int] | None = None,
     ) -> None:
         with paused_gc():
-            self._write_unpaused(step, flat, metrics, metadata, codec)
+            self._write_unpaused(step, flat, metrics, metadata, codec, steps)
 
-    def _dedup_index(self) -> DedupIndex:
+    def _dedup_index(self, steps: list[int] | None = None) -> DedupIndex:
         if self._index is None:
-            records, _ = self._records()
+            records, _ = self._records(steps)
             ms = []
             for r in records:
                 try:
@@ -595,8 +665,9 @@ class CheckpointManager:
         metrics: dict[str, float],
         metadata: dict[str, Any],
         codec: Compression | None = None,
+        steps: list[int] | None = None,
     ) -> None:
-        index = self._dedup_index()
+        index = self._dedup_index(steps)
         try:
             manifest, stats = write_checkpoint(
                 self._storage,
@@ -618,21 +689,27 @@ class CheckpointManager:
             self._cache[step] = manifest
         index.add(manifest)
         self.last_save_stats = stats
-        self._apply_retention()
+        self._apply_retention(None if steps is None else [*steps, step])
 
-    def _apply_retention(self) -> None:
-        records, _ = self._records()
+    def _apply_retention(self, steps: list[int] | None = None) -> None:
+        """Delete the steps the rules drop, then unreferenced data.
+
+        Args:
+            steps: The committed steps, as the lock holder knows them (see
+                ``_writer_steps``); ``None`` lists them.
+        """
+        records, _ = self._records(steps)
         keep = select(self._rules, records)
         for r in records:
             if r.step not in keep:
                 self._storage.delete_manifest(manifest_name(r.step))
                 with self._cache_lock:
                     self._cache.pop(r.step, None)
-        self._collect_garbage(dry_run=False)
+        self._collect_garbage(dry_run=False, steps=[r.step for r in records if r.step in keep])
 
-    def _collect_garbage(self, *, dry_run: bool) -> GcReport:
+    def _collect_garbage(self, *, dry_run: bool, steps: list[int] | None = None) -> GcReport:
         report = GcReport()
-        records, corrupt = self._records()
+        records, corrupt = self._records(steps)
         if corrupt:
             warnings.warn(
                 f"{self.directory}: checkpoints {corrupt} have unreadable manifests; their data "
@@ -688,15 +765,16 @@ class CheckpointManager:
         self._check_open()
         self._check_chief("delete()")
         self.wait_until_finished()
-        self._acquire()
-        if not self._storage_has(step):
+        listed = self._acquire()
+        steps = listed if listed is not None else self._writer_steps()
+        if step not in steps:
             raise CheckpointNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
             )
         self._storage.delete_manifest(manifest_name(step))
         with self._cache_lock:
             self._cache.pop(step, None)
-        self._collect_garbage(dry_run=False)
+        self._collect_garbage(dry_run=False, steps=[s for s in steps if s != step])
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
@@ -750,12 +828,17 @@ class CheckpointManager:
         if mmap and state is not None:
             raise ValueError("mmap=True builds a new tree of read-only arrays: call restore(state=None, mmap=True)")
         self.wait_until_finished()
+        return self._restore(state, step, strict, mmap, None)
+
+    def _restore(
+        self, state: Any, step: int | None, strict: bool, mmap: bool, listed: list[int] | None
+    ) -> tuple[int, Any]:
         if self._coord is None:
-            return self._restore_any(state, step, strict, mmap)
+            return self._restore_any(state, step, strict, mmap, listed)
         error: BaseException | None = None
         got, tree = -1, None
         try:
-            got, tree = self._restore_any(state, step, strict, mmap)
+            got, tree = self._restore_any(state, step, strict, mmap, listed)
         except Exception as exc:  # every rank must reach the collective
             error = exc
         out = self._coord.all_max([int(error is not None), got, -got])
@@ -776,14 +859,19 @@ class CheckpointManager:
             )
         return got, tree
 
-    def _restore_any(self, state: Any, step: int | None, strict: bool, mmap: bool) -> tuple[int, Any]:
+    def _restore_any(
+        self, state: Any, step: int | None, strict: bool, mmap: bool, listed: list[int] | None = None
+    ) -> tuple[int, Any]:
+        """``listed``: the steps the caller has just listed, used for the first attempt."""
         if step is not None:
             return int(step), self._restore_known_step(int(step), state, strict, mmap)
         problems: list[str] = []
         tried: set[int] = set()
         for _ in range(_MAX_RELISTS):
             # re-list after every attempt: a live writer may commit or delete meanwhile
-            candidates = [s for s in self.all_steps() if s not in tried]
+            steps = listed if listed is not None else self.all_steps()
+            listed = None
+            candidates = [s for s in steps if s not in tried]
             if not candidates:
                 break
             s = candidates[-1]
@@ -818,9 +906,12 @@ class CheckpointManager:
 
         Returns 0 (and leaves ``state`` untouched) when the directory has no checkpoint.
         """
-        if not self.all_steps():
+        self._check_open()
+        self.wait_until_finished()
+        steps = self.all_steps()
+        if not steps:
             return 0
-        return self.restore(state, strict=strict)[0]
+        return self._restore(state, None, strict, False, steps)[0]
 
     def _restore_known_step(self, step: int, state: Any, strict: bool, mmap: bool = False) -> Any:
         try:
@@ -954,6 +1045,12 @@ class CheckpointManager:
                 problems=problems,
             )
         return verified
+
+
+def _steps_of(names: Sequence[str]) -> list[int]:
+    """The steps of the committed manifests among ``manifests/`` names, ascending."""
+    steps = (step_of_manifest_name(n) for n in names)
+    return sorted(s for s in steps if s is not None)
 
 
 def _check_rank_plan(

@@ -248,26 +248,55 @@ def _run(
         _raise_problems(sorted({f"{describe(i)}: {msg}" for i, msg in problems}), step, where)
 
 
-def _check_objects(storage: Storage, manifest: Manifest, requests: Mapping[int, Any], where: str) -> None:
-    """Before allocating anything: every object exists and holds the bytes referenced.
+def _in_place(target: np.ndarray[Any, Any] | None, t: ArrayTable, i: int) -> bool:
+    """Whether array ``i`` is read straight into ``target`` (no buffer of its own)."""
+    return (
+        target is not None
+        and target.flags.c_contiguous
+        and target.flags.writeable
+        and target.dtype == _dtype(t.dtypes[i])
+        and target.nbytes == t.nbytes[i]
+    )
+
+
+def _sizes(storage: Storage, names: list[str], pool: Executor) -> list[int | None]:
+    """Each object's size (``None``: missing), inspected in parallel (HEADs on object stores)."""
+    if len(names) <= 1:
+        return [storage.object_size(n) for n in names]
+    return list(pool.map(storage.object_size, names))
+
+
+def _check_objects(
+    storage: Storage, manifest: Manifest, requests: Mapping[int, Any], pool: Executor, where: str
+) -> None:
+    """Before allocating anything: every object read into new buffers holds the bytes referenced.
 
     A hostile manifest could otherwise claim a terabyte array and make the reader
-    allocate it; with this check it needs a terabyte file on disk first.
+    allocate it; with this check it needs a terabyte file on disk first. Uncompressed
+    segments read straight into the caller's arrays (an in-place restore) allocate
+    nothing the manifest sizes: their objects are not inspected here, a missing or short
+    object fails that read itself (``MissingFileError``/``ShortReadError``, reported as
+    corruption). The others are inspected in parallel on the pool: on an object store
+    each is a HEAD request of tens of milliseconds.
     """
     t = manifest.arrays
+    starts, codecs = t.starts, t.codecs
     needed: dict[str, int] = {}
-    if len(requests) == len(t):
-        segs: Any = range(t.segment_count)
-    else:
-        segs = (j for i in requests for j in range(t.starts[i], t.starts[i + 1]))
-    for j in segs:
-        end = t.offsets[j] + t.stored[j]
-        o = t.objects[j]
-        if needed.get(o, -1) < end:
-            needed[o] = end
+    for i, target in requests.items():
+        lo, hi = starts[i], starts[i + 1]
+        if _in_place(target, t, i) and all(codecs[j] == CODEC_NONE for j in range(lo, hi)):
+            continue
+        for j in range(lo, hi):
+            end = t.offsets[j] + t.stored[j]
+            o = t.objects[j]
+            if needed.get(o, -1) < end:
+                needed[o] = end
+    if not needed:
+        return
+    names = sorted(needed)
     problems = []
-    for name, end in sorted(needed.items()):
-        size = storage.object_size(name)
+    for name, size in zip(names, _sizes(storage, names, pool), strict=True):
+        end = needed[name]
         if size is None:
             problems.append(f"object {name} is missing (or a symbolic link)")
         elif size < end:
@@ -285,12 +314,15 @@ def read_arrays(
     where: str,
     *,
     mmap: bool = False,
+    checked: bool = False,
 ) -> dict[int, np.ndarray[Any, Any]]:
     """Read the requested arrays; into the given target where it fits, else fresh.
 
     Args:
         mmap: Arrays without a target that are stored in one uncompressed segment become
             read-only views of the memory-mapped object (backends that can map only).
+        checked: The caller has just made sure every object read holds the bytes the
+            manifest references (``verify_manifest`` does): they are not inspected again.
 
     Returns:
         Array index -> the array holding the restored data (the target when given).
@@ -298,7 +330,8 @@ def read_arrays(
     Raises:
         CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
     """
-    _check_objects(storage, manifest, requests, where)
+    if not checked:
+        _check_objects(storage, manifest, requests, pool, where)
     t = manifest.arrays
     starts, lengths, objects = t.starts, t.lengths, t.objects
     out: dict[int, np.ndarray[Any, Any]] = {}
@@ -312,11 +345,11 @@ def read_arrays(
             by_object[objects[first]].append(p)
             fresh.append((i, p))
             continue
-        dtype = _dtype(t.dtypes[i])
-        if target is not None and target.flags.c_contiguous and target.flags.writeable and target.dtype == dtype:
+        if _in_place(target, t, i):
+            assert target is not None
             dest = target
         else:
-            dest = np.empty(t.shapes[i], dtype=dtype)
+            dest = np.empty(t.shapes[i], dtype=_dtype(t.dtypes[i]))
             if target is not None:
                 copies.append((target, dest))
         out[i] = target if target is not None else dest
@@ -346,16 +379,25 @@ def verify_manifest(
         Every problem found (empty when the checkpoint is intact).
     """
     problems: list[str] = []
-    for name, size in sorted(manifest.objects.items()):
-        actual = storage.object_size(name)
+    names = sorted(manifest.objects)
+    short: set[str] = set()  # reported here; the arrays stored in them are not read
+    for name, actual in zip(names, _sizes(storage, names, pool), strict=True):
+        size = manifest.objects[name]
         if actual is None:
             problems.append(f"object {name} is missing")
+            short.add(name)
         elif actual != size:
             problems.append(f"object {name} has {actual} bytes, the manifest says {size}")
-    # read in bounded batches so verifying a huge checkpoint does not need its size in RAM
+            if actual < size:
+                short.add(name)
+    # read in bounded batches so verifying a huge checkpoint does not need its size in RAM;
+    # every object read was just inspected (its size covers what the manifest references)
+    t = manifest.arrays
     batch: dict[int, np.ndarray[Any, Any] | None] = {}
     batch_bytes = 0
-    for i, n in enumerate(manifest.arrays.nbytes):
+    for i, n in enumerate(t.nbytes):
+        if short and any(t.objects[j] in short for j in range(t.starts[i], t.starts[i + 1])):
+            continue
         batch[i] = None
         batch_bytes += n
         if batch_bytes >= 512 << 20:
@@ -375,7 +417,7 @@ def _verify_batch(
     where: str,
 ) -> list[str]:
     try:
-        read_arrays(storage, manifest, batch, pool, describe, where)
+        read_arrays(storage, manifest, batch, pool, describe, where, checked=True)
     except CorruptCheckpointError as exc:
         return exc.problems
     return []

@@ -130,6 +130,17 @@ class _Optional:
 OPTIONAL: Any = _Optional()
 
 
+def fresh_arrays(stateful: Stateful) -> bool:
+    """Whether the arrays of ``stateful.state_dict()`` are fresh copies owned by nobody else.
+
+    Adapter wrappers that copy their framework's values out (a TensorFlow variable's
+    ``.numpy()``) set the class attribute ``_pitstop_fresh_arrays = True``: an async save
+    then uses those arrays as its snapshot instead of copying them a second time. Only
+    arrays directly in that state dict count, not those of stateful objects nested in it.
+    """
+    return getattr(type(stateful), "_pitstop_fresh_arrays", False) is True
+
+
 def restore_template(stateful: Stateful) -> Any:
     """What an in-place restore matches the saved state against.
 
@@ -183,15 +194,22 @@ class FlatState:
     rng: dict[str, Any] | None
     arrays: list[np.ndarray[Any, Any]] = field(default_factory=list)
     paths: list[PathT] = field(default_factory=list)
+    #: indices of arrays that are fresh copies no one else holds (see :func:`fresh_arrays`):
+    #: a snapshot may keep them as they are
+    fresh: frozenset[int] = frozenset()
 
 
 class _Flattener:
     def __init__(self) -> None:
         self.arrays: list[np.ndarray[Any, Any]] = []
         self.paths: list[PathT] = []
+        self.fresh: set[int] = set()
         self._active: set[int] = set()
+        self._in_fresh = False  # inside the state dict of an adapter that declares fresh arrays
 
     def _array(self, kind: str, a: np.ndarray[Any, Any], path: PathT) -> dict[str, Any]:
+        if self._in_fresh:
+            self.fresh.add(len(self.arrays))
         self.arrays.append(prepare_array(a, path))
         self.paths.append(path)
         return {kind: len(self.arrays) - 1}
@@ -238,13 +256,17 @@ class _Flattener:
             if id(obj) in self._active:
                 raise UnsupportedStateError(f"state contains a reference cycle at {display_path(path)}")
             self._active.add(id(obj))
+            outer = self._in_fresh
             try:
-                body = {"type": _object_type(obj), "state": self.node(stateful.state_dict(), path)}
+                sd = stateful.state_dict()
+                self._in_fresh = fresh_arrays(stateful)
+                body = {"type": _object_type(obj), "state": self.node(sd, path)}
                 config = object_config(stateful)
                 if config is not None:
                     body["config"] = config
                 return {"object": body}
             finally:
+                self._in_fresh = outer
                 self._active.discard(id(obj))
         if hasattr(obj, "__array__"):
             return self._array("array", np.asarray(obj), path)
@@ -264,7 +286,7 @@ def flatten_state(state: Any, rng: Any = None) -> FlatState:
     f = _Flattener()
     tree = f.node(state, ())
     rng_tree = None if rng is None else f.node(rng, ("<rng>",))
-    return FlatState(tree, rng_tree, f.arrays, f.paths)
+    return FlatState(tree, rng_tree, f.arrays, f.paths, frozenset(f.fresh))
 
 
 def build_tree(node: dict[str, Any], arrays: Mapping[int, np.ndarray[Any, Any]]) -> Any:

@@ -66,6 +66,8 @@ def _is_variable(obj: object) -> bool:
 class _VariableState:
     """A variable as a leaf: saved as its value, restored with ``assign``."""
 
+    _pitstop_fresh_arrays = True  # .numpy() is a copy (or a buffer TF copies on write): no second snapshot
+
     def __init__(self, variable: Any) -> None:
         self.variable = variable
 
