@@ -644,7 +644,29 @@ class CheckpointManager:
         steps: list[int] | None = None,
     ) -> None:
         with paused_gc():
-            self._write_unpaused(step, flat, metrics, metadata, codec, steps)
+            index = self._dedup_index(steps)
+            try:
+                manifest, stats = write_checkpoint(
+                    self._storage,
+                    self._pool,
+                    step=step,
+                    flat=flat,
+                    metrics=metrics,
+                    metadata=metadata,
+                    index=index,
+                    compression=codec,
+                )
+            except FileExistsError:
+                raise CheckpointExistsError(
+                    f"checkpoint step {step} was committed by someone else in {self.directory}",
+                    path=self.directory,
+                    step=step,
+                ) from None
+            with self._cache_lock:
+                self._cache[step] = manifest
+            index.add(manifest)
+            self.last_save_stats = stats
+            self._apply_retention(None if steps is None else [*steps, step])
 
     def _dedup_index(self, steps: list[int] | None = None) -> DedupIndex:
         if self._index is None:
@@ -657,39 +679,6 @@ class CheckpointManager:
                     continue
             self._index = DedupIndex.from_manifests(ms)
         return self._index
-
-    def _write_unpaused(
-        self,
-        step: int,
-        flat: FlatState,
-        metrics: dict[str, float],
-        metadata: dict[str, Any],
-        codec: Compression | None = None,
-        steps: list[int] | None = None,
-    ) -> None:
-        index = self._dedup_index(steps)
-        try:
-            manifest, stats = write_checkpoint(
-                self._storage,
-                self._pool,
-                step=step,
-                flat=flat,
-                metrics=metrics,
-                metadata=metadata,
-                index=index,
-                compression=codec,
-            )
-        except FileExistsError:
-            raise CheckpointExistsError(
-                f"checkpoint step {step} was committed by someone else in {self.directory}",
-                path=self.directory,
-                step=step,
-            ) from None
-        with self._cache_lock:
-            self._cache[step] = manifest
-        index.add(manifest)
-        self.last_save_stats = stats
-        self._apply_retention(None if steps is None else [*steps, step])
 
     def _apply_retention(self, steps: list[int] | None = None) -> None:
         """Delete the steps the rules drop, then unreferenced data.
