@@ -461,13 +461,20 @@ class CheckpointManager:
             self._on_preempted()
         return True
 
-    def _exists_error(self, step: int) -> CheckpointExistsError:
+    def _exists_error(self, step: int, *, by_other: bool = False) -> CheckpointExistsError:
+        what = "was committed by someone else" if by_other else "already exists"
         return CheckpointExistsError(
-            f"checkpoint step {step} already exists in {self.directory}; steps are never "
+            f"checkpoint step {step} {what} in {self.directory}; steps are never "
             "overwritten: save under a new step, or delete() it first",
             path=self.directory,
             step=step,
         )
+
+    def _remember(self, manifest: Manifest, index: DedupIndex) -> None:
+        """A manifest this manager just committed: cached, and its pieces reusable."""
+        with self._cache_lock:
+            self._cache[manifest.step] = manifest
+        index.add(manifest)
 
     def _save_local(self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None) -> None:
         clean_metrics = _clean_metrics(metrics)
@@ -589,14 +596,8 @@ class CheckpointManager:
             try:
                 _dist.commit_merged(self._storage, manifest)
             except FileExistsError:
-                raise CheckpointExistsError(
-                    f"checkpoint step {step} was committed by someone else in {self.directory}",
-                    path=self.directory,
-                    step=step,
-                ) from None
-            with self._cache_lock:
-                self._cache[step] = manifest
-            self._dedup_index().add(manifest)
+                raise self._exists_error(step, by_other=True) from None
+            self._remember(manifest, self._dedup_index())
 
     def _on_preempted(self) -> None:
         self.wait_until_finished()  # the preemption checkpoint is committed before anything else
@@ -657,14 +658,8 @@ class CheckpointManager:
                     compression=codec,
                 )
             except FileExistsError:
-                raise CheckpointExistsError(
-                    f"checkpoint step {step} was committed by someone else in {self.directory}",
-                    path=self.directory,
-                    step=step,
-                ) from None
-            with self._cache_lock:
-                self._cache[step] = manifest
-            index.add(manifest)
+                raise self._exists_error(step, by_other=True) from None
+            self._remember(manifest, index)
             self.last_save_stats = stats
             self._apply_retention(None if steps is None else [*steps, step])
 

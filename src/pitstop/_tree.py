@@ -154,6 +154,21 @@ def restore_template(stateful: Stateful) -> Any:
     return get(stateful) if callable(get) else stateful.state_dict()
 
 
+def state_leaves(state: Any, max_depth: int = 50) -> Iterator[Any]:
+    """Every object inside the dicts, lists and tuples of ``state`` (not inside objects):
+    where restore hooks look for the framework objects they prepare."""
+    if max_depth < 0:
+        return
+    if isinstance(state, Mapping):
+        for v in state.values():
+            yield from state_leaves(v, max_depth - 1)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from state_leaves(v, max_depth - 1)
+    else:
+        yield state
+
+
 def display_path(path: PathT) -> str:
     """A readable path: ``model/layers/0/kernel``; odd keys are quoted."""
     if not path:

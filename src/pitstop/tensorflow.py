@@ -40,7 +40,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 from ._errors import Mismatch, StateMismatchError
 from ._rng import register_rng
 from ._tf_iterator import IteratorState, is_iterator
-from ._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook
+from ._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook, state_leaves
 
 __all__ = ["object_tree"]
 
@@ -324,21 +324,11 @@ def _build_fresh_optimizers(state: Any) -> None:
     optimizers: list[Any] = []
     models: list[Any] = []
 
-    def collect(node: Any, depth: int = 0) -> None:
-        if depth > 50:
-            return
+    for node in state_leaves(state):
         if isinstance(node, _Optimizer):
             optimizers.append(node)
         elif isinstance(node, (keras.Model, tf.Module)):
             models.append(node)
-        elif isinstance(node, Mapping):
-            for v in node.values():
-                collect(v, depth + 1)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                collect(v, depth + 1)
-
-    collect(state)
     for opt in optimizers:
         if opt.built:
             continue

@@ -28,7 +28,6 @@ random augmentation continue identically after a resume.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
@@ -41,7 +40,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 
 from ._errors import Mismatch, StateMismatchError, UnsupportedStateError
 from ._rng import register_rng
-from ._tree import Stateful, describe_array, register_adapter, register_restore_hook
+from ._tree import Stateful, describe_array, register_adapter, register_restore_hook, state_leaves
 
 __all__ = ["tensor_to_numpy"]
 
@@ -335,21 +334,9 @@ def _adapter(obj: object) -> Stateful | None:
 def _mark_fresh_optimizers(state: Any) -> None:
     """Before a restore: remember which optimizers in ``state`` have no state yet."""
     _FRESH.clear()
-
-    def visit(node: Any, depth: int) -> None:
-        if depth > 50:
-            return
-        if isinstance(node, torch.optim.Optimizer):
-            if not node.state:
-                _FRESH.add(node)
-        elif isinstance(node, Mapping):
-            for v in node.values():
-                visit(v, depth + 1)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                visit(v, depth + 1)
-
-    visit(state, 0)
+    for node in state_leaves(state):
+        if isinstance(node, torch.optim.Optimizer) and not node.state:
+            _FRESH.add(node)
 
 
 def _torch_rng_capture() -> Any:
