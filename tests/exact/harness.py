@@ -94,8 +94,8 @@ def run_once(cmd: list[str], log: Path, planner: Callable[[int], Plan] | None) -
     try:
         for line in proc.stdout:
             parts = line.split()
-            if not parts:
-                continue
+            if not parts or not line.endswith("\n"):
+                continue  # a line cut short by a kill
             if parts[0] in ("restored", "fresh"):
                 restored = int(parts[1]) if parts[0] == "restored" else 0
                 record.restored = restored
@@ -128,6 +128,9 @@ def run_once(cmd: list[str], log: Path, planner: Callable[[int], Plan] | None) -
         for t in timers:
             t.cancel()
         _kill_group(proc)  # DataLoader workers of a finished or killed run
+        if proc.poll() is None:  # an assertion left the loop early: reap the killed worker
+            proc.stdout.close()
+            proc.wait(timeout=TIMEOUT)
     if code == -signal.SIGKILL and killed:
         return "killed", record
     if code == 0 and status == "done":

@@ -93,9 +93,9 @@ def main() -> None:
                 step += 1
                 losses.write(f"{step} {loss.item()!r}\n")
                 losses.flush()
-                print("step", step, flush=True)
+                print(f"step {step}", flush=True)  # one write: a kill cannot cut it
                 if mgr.save(step, state):
-                    print("save-start", step, flush=True)
+                    print(f"save-start {step}", flush=True)
                 if step == args.steps:
                     break
     mgr.close()

@@ -83,7 +83,7 @@ class Report(keras.callbacks.Callback):  # type: ignore[misc]
         if self.losses is not None:
             self.losses.write(f"{step} {float(logs['loss'])!r}\n")
             self.losses.flush()
-        print("batch", self.epoch, batch, step, repr(float(logs["loss"])), flush=True)
+        print(f"batch {self.epoch} {batch} {step} {float(logs['loss'])!r}", flush=True)
         if self.ckpt.save_freq != "epoch" and step % self.ckpt.save_freq == 0:
             print("save-start", step, flush=True)
         time.sleep(self.delay)
