@@ -445,7 +445,7 @@ def check_pieces(root: Path, body: dict[str, Any], small: int, chunk: int, pack:
             assert pos == len(data)
 
 
-SMALL_SIZES = {"SMALL_BYTES": 256, "CHUNK_BYTES": 1024, "PACK_BYTES": 512}
+SMALL_SIZES = {"SMALL_BYTES": 256, "CHUNK_BYTES": 1024, "PACK_BYTES": 512, "BATCH_BYTES": 2048}
 
 
 @pytest.fixture

@@ -16,9 +16,14 @@ import errno
 import os
 import uuid
 from collections.abc import Sequence
+from typing import Any, TypeAlias, cast
+
+import numpy as np
 
 __all__ = [
     "MANIFEST_DIR",
+    "Buffer",
+    "as_buffers",
     "OBJECT_DIR",
     "TMP_PREFIX",
     "durable_write",
@@ -36,8 +41,12 @@ OBJECT_DIR = "objects"
 TMP_PREFIX = ".tmp-"
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_MAX_IOV = 512
-_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # stay well below IOV_MAX (1024 on Linux)
+_MAX_IOV = 512  # stay well below IOV_MAX (1024 on Linux)
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+#: Bytes to write: a memoryview, or a C-contiguous array standing for its raw bytes (every
+#: storable dtype exports a plain byte buffer; the writer passes small arrays as they are).
+Buffer: TypeAlias = "memoryview | np.ndarray[Any, Any]"
 
 
 def temporary_name(final_name: str) -> str:
@@ -50,13 +59,29 @@ def is_temporary(name: str) -> bool:
     return name.startswith(TMP_PREFIX)
 
 
-def _write_all(fd: int, buffers: Sequence[memoryview]) -> int:
+def as_buffers(buffers: Sequence[Buffer]) -> Sequence[memoryview]:
+    """``buffers`` typed for functions that take any buffer (``os.writev``, hashers, ``bytes.join``).
+
+    Only a static cast: arrays export the buffer protocol, but the type stubs for Python
+    3.11 do not say so.
+    """
+    return cast("Sequence[memoryview]", buffers)
+
+
+def _byte_view(b: Buffer) -> memoryview:
+    """``b`` as a 1-D view of bytes (slicing it cuts bytes, not elements)."""
+    if isinstance(b, np.ndarray):
+        return b.reshape(-1).view(np.uint8).data
+    return b if b.format == "B" and b.ndim == 1 else b.cast("B")
+
+
+def _write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     """Write every buffer, resuming after short writes. Returns the bytes written."""
     total = 0
     pending = [b for b in buffers if b.nbytes]
     while pending:
         batch = pending[:_MAX_IOV]
-        n = os.writev(fd, batch)
+        n = os.writev(fd, as_buffers(batch))
         total += n
         # drop fully written buffers, trim a partially written one
         done = 0
@@ -65,12 +90,12 @@ def _write_all(fd: int, buffers: Sequence[memoryview]) -> int:
             done += 1
         rest = pending[done:]
         if n and rest:
-            rest[0] = rest[0][n:]
+            rest[0] = _byte_view(rest[0])[n:]
         pending = rest
     return total
 
 
-def durable_write(directory: str, final_name: str, buffers: Sequence[memoryview]) -> int:
+def durable_write(directory: str, final_name: str, buffers: Sequence[Buffer]) -> int:
     """Write ``buffers`` to ``directory/final_name`` durably (without syncing the directory).
 
     The bytes go to a temporary file that is fsync'd and then renamed over ``final_name``.

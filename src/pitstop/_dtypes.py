@@ -16,7 +16,7 @@ import numpy as np
 
 from ._errors import UnsupportedStateError
 
-__all__ = ["dtype_from_name", "dtype_name", "is_storable", "storage_dtype"]
+__all__ = ["STORABLE", "dtype_from_name", "dtype_name", "is_storable", "storage_dtype"]
 
 _NUMPY_NAMES = (
     "bool",
@@ -66,6 +66,8 @@ if np.dtype(np.longdouble).itemsize == 16 and np.finfo(np.longdouble).nmant == 6
     _BY_NAME["complex80x32"] = np.dtype(np.clongdouble).newbyteorder("<")
 
 _NAME_BY_DTYPE: dict[np.dtype[np.generic], str] = {dt: n for n, dt in _BY_NAME.items()}
+#: The dtypes arrays are stored in as they are (see :func:`is_storable`), for a set lookup.
+STORABLE: frozenset[np.dtype[np.generic]] = frozenset(dt for dt in _NAME_BY_DTYPE if dt.byteorder != ">")
 
 
 def is_storable(dtype: np.dtype[Any]) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 import fsspec
 
 from . import _commit
+from ._commit import Buffer
 from ._errors import CheckpointError, StorageError
 from ._lease import Lease, PreconditionFailedError
 from ._storage import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
@@ -332,9 +333,9 @@ class FsspecStorage:
             out += [f"{sub}/{n}" for n in self._list(sub) if _commit.is_temporary(n)]
         return out
 
-    def write_object(self, name: str, buffers: Sequence[memoryview]) -> int:
+    def write_object(self, name: str, buffers: Sequence[Buffer]) -> int:
         path = self._path(_commit.OBJECT_DIR, name)
-        data = b"".join(buffers)  # botocore takes bytes, not memoryviews: one copy
+        data = b"".join(_commit.as_buffers(buffers))  # botocore takes bytes, not memoryviews: one copy
         with self._errors("writing", path):
             if self._object_store:
                 self._put(path, data)

@@ -287,10 +287,10 @@ def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> byt
         "arrays": {
             "dtype": t.dtypes,
             "shape": t.shapes,
-            "segments": lambda: [b - a for a, b in itertools.pairwise(t.starts)],
+            "segments": lambda: list(map(operator.sub, t.starts[1:], t.starts[:-1])),
         },
         "segments": {
-            "object": lambda: [index[o] for o in t.objects],
+            "object": lambda: list(map(index.__getitem__, t.objects)),
             "offset": t.offsets,
             "length": t.lengths,
             "checksum": t.checksums,

@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._dtypes import dtype_from_name, dtype_name, is_storable, storage_dtype
+from ._dtypes import STORABLE, dtype_from_name, dtype_name, is_storable, storage_dtype
 from ._errors import Mismatch, UnsupportedStateError
 from ._manifest import ArrayEntry
 
@@ -223,11 +223,14 @@ class _Flattener:
         self._in_fresh = False  # inside the state dict of an adapter that declares fresh arrays
 
     def _array(self, kind: str, a: np.ndarray[Any, Any], path: PathT) -> dict[str, Any]:
+        arrays = self.arrays
         if self._in_fresh:
-            self.fresh.add(len(self.arrays))
-        self.arrays.append(prepare_array(a, path))
+            self.fresh.add(len(arrays))
+        if a.dtype not in STORABLE or not a.flags.c_contiguous:
+            a = prepare_array(a, path)
+        arrays.append(a)
         self.paths.append(path)
-        return {kind: len(self.arrays) - 1}
+        return {kind: len(arrays) - 1}
 
     def node(self, obj: Any, path: PathT) -> dict[str, Any]:
         if isinstance(obj, str):  # before np.generic: np.str_ is a str
@@ -259,8 +262,11 @@ class _Flattener:
                                 f"state key {k!r} at {display_path(path)} is a {type(k).__name__}; "
                                 "checkpoint keys must be strings"
                             )
+                    array, node = np.ndarray, self.node
                     for k in sorted(obj):
-                        items[k] = self.node(obj[k], (*path, k))
+                        v = obj[k]
+                        # the most common leaf by far, without the dispatch of node()
+                        items[k] = self._array("array", v, (*path, k)) if type(v) is array else node(v, (*path, k))
                     return {"dict": items}
                 kind = "list" if isinstance(obj, list) else "tuple"
                 return {kind: [self.node(v, (*path, i)) for i, v in enumerate(obj)]}

@@ -22,6 +22,9 @@ full compression pass.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import operator
 import sys
 import threading
 import time
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ._commit import Buffer, as_buffers
 from ._dtypes import dtype_name
 from ._manifest import (
     CODEC_NONE,
@@ -57,7 +61,7 @@ PACK_BYTES = 8 << 20  # small enough that the first packs are on disk while late
 ALIGN = 64
 _ZEROS = memoryview(bytes(ALIGN))
 
-#: Pieces smaller than this are never compressed (a zstd frame has ~10 bytes of overhead).
+#: Buffers smaller than this are never compressed (a zstd frame has ~10 bytes of overhead).
 MIN_COMPRESS_BYTES = 256
 #: A piece larger than 4x this is first tried on a sample of this size from its middle.
 SAMPLE_BYTES = 64 << 10
@@ -99,7 +103,7 @@ def _compressor(level: int) -> Any:
     return c
 
 
-def compress_piece(view: memoryview, opt: Compression) -> bytes | None:
+def compress_piece(view: Buffer, opt: Compression) -> bytes | None:
     """The piece as one zstd frame, or ``None`` when compressing does not pay."""
     n = view.nbytes
     if n < MIN_COMPRESS_BYTES:
@@ -161,7 +165,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _write_pack(storage: Storage, buffers: list[memoryview], name: str | None = None) -> tuple[str, int]:
+def _write_pack(storage: Storage, buffers: list[Buffer], name: str | None = None) -> tuple[str, int]:
     """Write one pack (its pieces and zero padding, laid out by the caller); name and size.
 
     ``name`` is the pack's checksum when the caller already hashed it (the writer does,
@@ -170,17 +174,16 @@ def _write_pack(storage: Storage, buffers: list[memoryview], name: str | None = 
     """
     if name is None:
         h = xxhash.xxh3_128()
-        for buf in buffers:
-            h.update(buf)
+        collections.deque(map(h.update, as_buffers(buffers)), maxlen=0)
         name = h.hexdigest()
     return name, storage.write_object(name, buffers)
 
 
 def _compress_pack(
-    storage: Storage, views: list[memoryview], opt: Compression
+    storage: Storage, views: list[Buffer], opt: Compression
 ) -> tuple[str, int, list[tuple[int, int, int]]]:
     """Compress where it pays, lay out and write one pack; each piece's (offset, stored, codec)."""
-    buffers: list[memoryview] = []
+    buffers: list[Buffer] = []
     placed: list[tuple[int, int, int]] = []
     pos = 0
     for v in views:
@@ -208,6 +211,75 @@ def _chunk_task(storage: Storage, digest: str, view: memoryview, opt: Compressio
     return Segment(name, 0, view.nbytes, digest, len(frame), CODEC_ZSTD)
 
 
+#: Small pieces are hashed, deduplicated and laid out in batches of about this many bytes:
+#: whole-batch list operations instead of Python work per array, and the first packs are
+#: on their way to the disk while later batches are still hashed.
+BATCH_BYTES = 64 << 20
+
+_PADS = [_ZEROS[:k] for k in range(ALIGN)]
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+
+
+def _rows(
+    arrays: Sequence[np.ndarray[Any, Any]], nbytes: list[int], small: int, chunk: int
+) -> tuple[list[Buffer], list[int], list[int]]:
+    """Every array cut into pieces, in order: the pieces (rows), their sizes and ``starts``.
+
+    A piece of at most ``small`` bytes is the array itself (every storable dtype exports a
+    plain byte buffer: no view object per array); larger arrays are cut into byte views of
+    ``chunk`` bytes.
+    """
+    if nbytes and min(nbytes) > 0 and max(nbytes) <= small:  # the common case: one row per array
+        return list(arrays), nbytes, list(range(len(nbytes) + 1))
+    pieces: list[Buffer] = []
+    sizes: list[int] = []
+    starts = [0]
+    for a, n in zip(arrays, nbytes, strict=True):
+        if n > small:
+            try:
+                v = memoryview(a).cast("B")  # type: ignore[arg-type]
+            except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
+                v = a.reshape(-1).view(np.uint8).data
+            for o in range(0, n, chunk):
+                pieces.append(v[o : o + chunk])
+                sizes.append(min(chunk, n - o))
+        elif n:
+            pieces.append(a)
+            sizes.append(n)
+        starts.append(len(pieces))
+    return pieces, sizes, starts
+
+
+def _batches(rows: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """``rows`` split into consecutive runs of about ``limit`` bytes (each run ends at the
+    first row that reaches a multiple of ``limit``)."""
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64)[rows]) if rows else np.zeros(0, np.int64)
+    if not len(ends) or ends[-1] <= limit:
+        return [rows]
+    cuts = np.searchsorted(ends, np.arange(limit, int(ends[-1]), limit), side="left") + 1
+    bounds = [0, *sorted(set(cuts.tolist())), len(rows)]
+    return [rows[b:e] for b, e in itertools.pairwise(bounds) if e > b]
+
+
+def _layout(sizes: list[int], pack_limit: int) -> tuple[list[int], list[int], list[int]]:
+    """Pack layout of consecutive new pieces: each piece's pack (0, 1, ...) and offset in it,
+    and where each pack starts in ``sizes``.
+
+    Buffers are laid end to end, each padded to a multiple of ``ALIGN``; a piece belongs to
+    the pack in which it starts (packs of ``pack_limit`` bytes of that virtual stream), so a
+    pack holds at most ``pack_limit`` bytes plus one piece.
+    """
+    m = np.asarray(sizes, dtype=np.int64)
+    aligned = (m + (ALIGN - 1)) & ~(ALIGN - 1)
+    start = np.cumsum(aligned) - aligned
+    which = start // pack_limit
+    first = np.flatnonzero(np.diff(which, prepend=-1))  # each pack's first piece
+    pack = np.cumsum(np.diff(which, prepend=which[:1]) != 0)
+    offset = start - start[first][pack]
+    return pack.tolist(), offset.tolist(), first.tolist()
+
+
 def write_checkpoint(
     storage: Storage,
     pool: Executor,
@@ -231,15 +303,15 @@ def write_checkpoint(
     """
     t0 = time.perf_counter()
     stats = SaveStats()
-    small, chunk, pack_limit = SMALL_BYTES, CHUNK_BYTES, PACK_BYTES
-    known, sizes = index.pieces, index.objects
+    small, pack_limit = SMALL_BYTES, PACK_BYTES
+    known, sizes_of = index.pieces, index.objects
     present: dict[str, bool] = {}
 
     def still_there(name: str) -> bool:
         """Whether a stored object is still there, whole (checked once per save)."""
         ok = present.get(name)
         if ok is None:
-            ok = present[name] = storage.object_size(name) == sizes.get(name)
+            ok = present[name] = storage.object_size(name) == sizes_of.get(name)
         return ok
 
     def big_task(view: memoryview) -> tuple[Segment, bool]:
@@ -249,108 +321,112 @@ def write_checkpoint(
             return Segment(*old), False
         return _chunk_task(storage, digest, view, compression), True
 
-    # One pass: hash each small piece, deduplicate it, lay it out in the current pack and
-    # hand full packs to the pool at once, so that the disk writes the first packs while
-    # later arrays are still hashed. The manifest's segment columns are built on the way;
-    # a new piece's object is first its pack's number, resolved once the pack is named.
-    # Large pieces are hashed, deduplicated and written by pool tasks of their own.
-    c_obj: list[Any] = []
-    c_off: list[int] = []
-    c_len: list[int] = []
-    c_sum: list[str] = []
-    c_st: list[int] = []
-    c_cd: list[int] = []
+    arrays = flat.arrays
+    nbytes = [a.nbytes for a in arrays]
+    pieces, sizes, starts = _rows(arrays, nbytes, small, CHUNK_BYTES)
+    n_rows = len(pieces)
+    # The manifest's segment columns, one entry per row. A new small piece's object is
+    # first its pack's number, resolved once the pack is named; a large piece's entries are
+    # placeholders filled from its pool task's segment.
+    c_obj: list[Any] = [None] * n_rows
+    c_off = [0] * n_rows
+    c_len = list(sizes)
+    c_sum = [""] * n_rows
+    c_st = list(sizes)
+    c_cd = [CODEC_NONE] * n_rows
     chunk_jobs: list[tuple[int, Future[tuple[Segment, bool]]]] = []
     packs: list[Future[tuple[str, int]]] = []
     zpacks: list[tuple[list[int], Future[tuple[str, int, list[tuple[int, int, int]]]]]] = []
     twins: list[tuple[int, int]] = []  # (row, first row with the same bytes) within this save
-    starts = [0]
-    nbytes: list[int] = []
     first_row: dict[str, int] = {}
-    bufs: list[memoryview] = []  # the current pack: pieces and padding
-    rows: list[int] = []  # (with compression) the segment rows of the current pack
-    pos = 0
-    zeros = _ZEROS
-    hasher = xxhash.xxh3_128()  # of the current pack (without compression)
     digest_of = xxhash.xxh3_128_hexdigest
-    compress = compression is not None
-    row = 0  # == len(c_off)
+    all_new = True  # every row is a new small piece: its object is a pack number
 
-    def close_pack() -> None:
-        nonlocal bufs, rows, pos, hasher
-        if compression is None:
-            packs.append(pool.submit(_write_pack, storage, bufs, hasher.hexdigest()))
+    def add_small(rows: list[int]) -> None:
+        """Hash, deduplicate, lay out and hand to the pool the small pieces ``rows``."""
+        nonlocal all_new
+        if not rows:
+            return
+        lo, hi = rows[0], rows[-1] + 1
+        run = hi - lo == len(rows)  # consecutive rows (no large piece among them): slices
+        batch = pieces[lo:hi] if run else [pieces[r] for r in rows]
+        digests = list(map(digest_of, as_buffers(batch)))
+        if run:
+            c_sum[lo:hi] = digests
         else:
-            zpacks.append((rows, pool.submit(_compress_pack, storage, bufs, compression)))
-        bufs, rows, pos, hasher = [], [], 0, xxhash.xxh3_128()
+            for r, d in zip(rows, digests, strict=True):
+                c_sum[r] = d
+        hits = list(map(known.get, digests)) if known else None
+        if (
+            (hits is None or not any(hits))
+            and len(set(digests)) == len(digests)
+            and first_row.keys().isdisjoint(digests)
+        ):
+            new_rows = rows  # every piece is new (the common first save)
+        elif run and hits is not None and all(hits) and all(map(still_there, {h[0] for h in hits})):  # type: ignore[index]
+            # every piece is stored already (an unchanged state): the columns of the old rows
+            obj, off, _, _, st, cd = zip(*hits, strict=True)
+            c_obj[lo:hi], c_off[lo:hi], c_st[lo:hi], c_cd[lo:hi] = obj, off, st, cd
+            all_new = False
+            return
+        else:
+            all_new = False
+            new_rows = []
+            for k, (r, d) in enumerate(zip(rows, digests, strict=True)):
+                old = hits[k] if hits is not None else None
+                if old is not None and still_there(old[0]):
+                    c_obj[r], c_off[r], c_st[r], c_cd[r] = old[0], old[1], old[4], old[5]
+                elif d in first_row:
+                    twins.append((r, first_row[d]))
+                else:
+                    first_row[d] = r
+                    new_rows.append(r)
+        if not new_rows:
+            return
+        if new_rows is rows:
+            first_row.update(zip(digests, rows, strict=True))
+        new_sizes = [sizes[r] for r in new_rows]
+        pack_of, offsets, firsts = _layout(new_sizes, pack_limit)
+        base = len(packs) + len(zpacks)
+        if base:
+            pack_of = [p + base for p in pack_of]
+        contiguous = run and new_rows is rows
+        if contiguous:
+            c_obj[lo:hi], c_off[lo:hi] = pack_of, offsets
+        else:
+            for r, p, o in zip(new_rows, pack_of, offsets, strict=True):
+                c_obj[r], c_off[r] = p, o
+        firsts.append(len(new_rows))
+        for b, e in itertools.pairwise(firsts):
+            views = pieces[lo + b : lo + e] if contiguous else [pieces[r] for r in new_rows[b:e]]
+            if compression is None:
+                pads = [_PADS[-m % ALIGN] for m in new_sizes[b:e]]
+                bufs = list(itertools.chain.from_iterable(zip(views, pads, strict=True)))
+                hasher = xxhash.xxh3_128()
+                collections.deque(map(hasher.update, as_buffers(bufs)), maxlen=0)  # the pack's name
+                packs.append(pool.submit(_write_pack, storage, bufs, hasher.hexdigest()))
+            else:  # offsets are known once the pack is compressed
+                zpacks.append((new_rows[b:e], pool.submit(_compress_pack, storage, views, compression)))
 
     try:
-        for a in flat.arrays:
-            n = a.nbytes
-            nbytes.append(n)
-            if n:
-                try:
-                    v = memoryview(a).cast("B")  # type: ignore[arg-type]
-                except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
-                    v = a.reshape(-1).view(np.uint8).data
-                for piece in (v,) if n <= small else [v[o : o + chunk] for o in range(0, n, chunk)]:
-                    m = piece.nbytes
-                    if m > small:
-                        chunk_jobs.append((row, pool.submit(big_task, piece)))
-                        c_obj.append(None)  # placeholders: filled from the task's segment
-                        c_sum.append("")
-                        c_off.append(0)
-                        c_len.append(0)
-                        c_st.append(0)
-                        c_cd.append(0)
-                        row += 1
-                        continue
-                    digest = digest_of(piece)
-                    old = known.get(digest)
-                    if old is not None and still_there(old[0]):
-                        c_obj.append(old[0])
-                        c_off.append(old[1])
-                        c_st.append(old[4])
-                        c_cd.append(old[5])
-                    elif digest in first_row:
-                        k = first_row[digest]
-                        twins.append((row, k))
-                        c_obj.append(c_obj[k])
-                        c_off.append(c_off[k])
-                        c_st.append(m)
-                        c_cd.append(CODEC_NONE)
-                    else:
-                        first_row[digest] = row
-                        c_obj.append(len(packs) + len(zpacks))
-                        c_st.append(m)
-                        c_cd.append(CODEC_NONE)
-                        bufs.append(piece)
-                        if compress:  # offsets are known once the pack is compressed
-                            rows.append(row)
-                            c_off.append(0)
-                            pos += m + ALIGN
-                        else:
-                            c_off.append(pos)
-                            hasher.update(piece)
-                            pos += m
-                            pad = -pos % ALIGN
-                            if pad:
-                                bufs.append(zeros[:pad])
-                                hasher.update(zeros[:pad])
-                                pos += pad
-                        if pos >= pack_limit:
-                            close_pack()
-                    c_len.append(m)
-                    c_sum.append(digest)
-                    row += 1
-            starts.append(row)
-        if bufs:
-            close_pack()
+        small_rows: list[int] = []
+        if max(sizes, default=0) > small:
+            for r, m in enumerate(sizes):
+                if m > small:
+                    chunk_jobs.append((r, pool.submit(big_task, pieces[r])))  # type: ignore[arg-type]
+        if chunk_jobs:
+            all_new = False
+            small_rows = [r for r, m in enumerate(sizes) if m <= small]
+        else:
+            small_rows = list(range(n_rows))
+        for rows in _batches(small_rows, sizes, BATCH_BYTES):
+            add_small(rows)
         stats.state_bytes = sum(nbytes)
         # while the pool writes: the JSON of everything already final
-        names = {dt: dtype_name(dt) for dt in {a.dtype for a in flat.arrays}}
-        dtypes = [names[a.dtype] for a in flat.arrays]
-        shapes = [a.shape for a in flat.arrays]
+        dts = list(map(_DTYPE, arrays))
+        names = {dt: dtype_name(dt) for dt in set(dts)}
+        dtypes = list(map(names.__getitem__, dts))
+        shapes = list(map(_SHAPE, arrays))
         pre = {"tree": encode_node(flat.tree), "arrays.dtype": encode_column(dtypes),
                "arrays.shape": encode_column(shapes)}  # fmt: skip
         if not chunk_jobs and compression is None:  # no placeholder left in the segment rows
@@ -376,8 +452,12 @@ def write_checkpoint(
             c_off[k], c_st[k], c_cd[k] = off, st, cd
     for k, first in twins:
         c_off[k], c_st[k], c_cd[k] = c_off[first], c_st[first], c_cd[first]
+        c_obj[k] = c_obj[first]
     if pack_names:
-        c_obj = [pack_names[o] if type(o) is int else o for o in c_obj]
+        if all_new:
+            c_obj = list(map(pack_names.__getitem__, c_obj))
+        else:
+            c_obj = [pack_names[o] if type(o) is int else o for o in c_obj]
     for k, fut in chunk_jobs:
         seg, new = fut.result()
         c_obj[k], c_off[k], c_len[k], c_sum[k], c_st[k], c_cd[k] = seg
@@ -392,7 +472,7 @@ def write_checkpoint(
     # the manifest: every referenced object's size, and the columns built above
     try:
         for name in set(c_obj) - objects.keys():
-            objects[name] = sizes.get(name, 0) or _size_of(storage, name)
+            objects[name] = sizes_of.get(name, 0) or _size_of(storage, name)
         table = ArrayTable(
             dtypes=dtypes,
             shapes=shapes,

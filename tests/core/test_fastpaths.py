@@ -24,10 +24,12 @@ from pitstop._storage import LocalStorage
 
 @pytest.fixture
 def tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Arrays over 8 KiB are chunked in 16 KiB chunks; packs close at 32 KiB."""
+    """Arrays over 8 KiB are chunked in 16 KiB chunks; packs close at 32 KiB; small pieces
+    are hashed and laid out in batches of 48 KiB."""
     monkeypatch.setattr(pitstop._writer, "SMALL_BYTES", 8 << 10)
     monkeypatch.setattr(pitstop._writer, "CHUNK_BYTES", 16 << 10)
     monkeypatch.setattr(pitstop._writer, "PACK_BYTES", 32 << 10)
+    monkeypatch.setattr(pitstop._writer, "BATCH_BYTES", 48 << 10)
 
 
 def make_state(seed: int = 0) -> dict[str, Any]:
@@ -114,6 +116,36 @@ def test_unchanged_state_writes_nothing_and_one_change_one_pack(tmp_path: Path, 
         assert stats is not None and stats.objects_written == 2  # one pack, one chunk
         assert stats.bytes_written == 1024 + (80000 - 4 * 16384)
         assert_same(mgr.restore(step=3)[1], state)
+
+
+def test_batches_mix_new_stored_and_twin_pieces(tmp_path: Path, tiny_pieces: None) -> None:
+    """Small pieces between chunked arrays, duplicates in other batches than their first copy,
+    then a save in which some batches are wholly stored already and others are mixed."""
+    rng = np.random.default_rng(5)
+    blocks = [rng.standard_normal(256).astype(np.float32) for _ in range(150)]  # 1 KiB each
+    state: dict[str, Any] = {f"p{i:03d}": blocks[i] for i in range(150)}
+    state["p020_big"] = rng.standard_normal(5_000)  # chunked, between small rows
+    state["p140_big"] = rng.standard_normal(3_000)  # chunks and a packed 7,616-byte tail
+    state["p149_copy"] = blocks[3].copy()  # the bytes of p003, two batches earlier
+    state["p149_zero"] = np.zeros(100, np.float64)
+    state["p150_zero"] = np.zeros(100, np.float64)
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False, max_to_keep=None) as mgr:
+        mgr.save(1, state)
+        m = mgr.manifest(1)
+        seg = {k: m.arrays[v["array"]].segments for k, v in m.tree["dict"].items()}
+        assert seg["p149_copy"] == seg["p003"] and seg["p149_zero"] == seg["p150_zero"]
+        first = mgr.last_save_stats
+        assert first is not None and first.objects_written > 6  # several packs and chunks
+        for i in range(100, 150):  # the last batches change; the first ones are stored already
+            state[f"p{i:03d}"] = state[f"p{i:03d}"] + 1
+        mgr.save(2, state)
+        stats = mgr.last_save_stats
+        assert stats is not None and stats.bytes_written == 50 * 1024
+        target = zeros_like(state)
+        mgr.restore(target, step=2)
+        assert_same(target, state)
+        assert_same(mgr.restore(step=1)[1]["p149_copy"], blocks[3])
+        assert mgr.verify() == [1, 2]
 
 
 class CountingStorage(LocalStorage):
