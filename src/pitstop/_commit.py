@@ -41,7 +41,7 @@ OBJECT_DIR = "objects"
 TMP_PREFIX = ".tmp-"
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_MAX_IOV = 512  # stay well below IOV_MAX (1024 on Linux)
+_MAX_IOV = 1024  # stay well below IOV_MAX (1024 on Linux)
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 #: Bytes to write: a memoryview, or a C-contiguous array standing for its raw bytes (every

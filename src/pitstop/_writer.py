@@ -38,6 +38,7 @@ import xxhash
 
 from ._commit import Buffer, as_buffers
 from ._dtypes import dtype_name
+from ._errors import StorageError
 from ._manifest import (
     CODEC_NONE,
     CODEC_ZSTD,
@@ -214,7 +215,7 @@ def _chunk_task(storage: Storage, digest: str, view: memoryview, opt: Compressio
 #: Small pieces are hashed, deduplicated and laid out in batches of about this many bytes:
 #: whole-batch list operations instead of Python work per array, and the first packs are
 #: on their way to the disk while later batches are still hashed.
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 16 << 20
 
 _PADS = [_ZEROS[:k] for k in range(ALIGN)]
 _DTYPE = operator.attrgetter("dtype")
@@ -336,6 +337,7 @@ def write_checkpoint(
     c_cd = [CODEC_NONE] * n_rows
     chunk_jobs: list[tuple[int, Future[tuple[Segment, bool]]]] = []
     packs: list[Future[tuple[str, int]]] = []
+    expected: list[tuple[str, int]] = []  # each pack's name and size, as laid out
     zpacks: list[tuple[list[int], Future[tuple[str, int, list[tuple[int, int, int]]]]]] = []
     twins: list[tuple[int, int]] = []  # (row, first row with the same bytes) within this save
     first_row: dict[str, int] = {}
@@ -404,10 +406,41 @@ def write_checkpoint(
                 bufs = list(itertools.chain.from_iterable(zip(views, pads, strict=True)))
                 hasher = xxhash.xxh3_128()
                 collections.deque(map(hasher.update, as_buffers(bufs)), maxlen=0)  # the pack's name
-                packs.append(pool.submit(_write_pack, storage, bufs, hasher.hexdigest()))
+                name = hasher.hexdigest()
+                expected.append((name, offsets[e - 1] + new_sizes[e - 1] + pads[-1].nbytes))
+                packs.append(pool.submit(_write_pack, storage, bufs, name))
             else:  # offsets are known once the pack is compressed
                 zpacks.append((new_rows[b:e], pool.submit(_compress_pack, storage, views, compression)))
 
+    def commit_text(pack_names: list[str], written: dict[str, int]) -> tuple[Manifest, bytes]:
+        """The manifest once every row's object is known (``written``: the new objects)."""
+        nonlocal c_obj
+        for k, first in twins:
+            c_obj[k], c_off[k], c_st[k], c_cd[k] = c_obj[first], c_off[first], c_st[first], c_cd[first]
+        if pack_names:
+            if all_new:
+                c_obj = list(map(pack_names.__getitem__, c_obj))
+            else:
+                c_obj = [pack_names[o] if type(o) is int else o for o in c_obj]
+        objects = dict(written)  # and every other referenced object's size
+        for name in set(c_obj) - objects.keys():
+            objects[name] = sizes_of.get(name, 0) or _size_of(storage, name)
+        table = ArrayTable(dtypes=dtypes, shapes=shapes, nbytes=nbytes, starts=starts, objects=c_obj,
+                           offsets=c_off, lengths=c_len, checksums=c_sum, stored=c_st, codecs=c_cd)  # fmt: skip
+        manifest = Manifest(
+            step=step,
+            time=time.time(),
+            tree=flat.tree,
+            rng=flat.rng,
+            arrays=table,
+            objects=dict(sorted(objects.items())),
+            metrics=dict(metrics),
+            metadata=dict(metadata),
+            versions=_versions(),
+        )
+        return manifest, encode_manifest(manifest, pre=pre)
+
+    early: tuple[Manifest, bytes] | None = None
     try:
         small_rows: list[int] = []
         if max(sizes, default=0) > small:
@@ -429,79 +462,54 @@ def write_checkpoint(
         shapes = list(map(_SHAPE, arrays))
         pre = {"tree": encode_node(flat.tree), "arrays.dtype": encode_column(dtypes),
                "arrays.shape": encode_column(shapes)}  # fmt: skip
-        if not chunk_jobs and compression is None:  # no placeholder left in the segment rows
-            for key, col in (("offset", c_off), ("length", c_len), ("checksum", c_sum), ("stored", c_st),
-                             ("codec", c_cd)):  # fmt: skip
-                pre[f"segments.{key}"] = encode_column(col)
+        if not chunk_jobs and compression is None:
+            # every pack's name and size is known already (hashed and laid out here), so the
+            # whole manifest is encoded while the pool still writes
+            early = commit_text([n for n, _ in expected], dict(expected))
     finally:
         # every task must be finished before this function returns or raises: a task still
         # writing after a failed save would race the next save and garbage collection
         running: list[Future[Any]] = [*packs, *(f for _, f in zpacks), *(f for _, f in chunk_jobs)]
         wait(running)
-    objects: dict[str, int] = {}
-    pack_names: list[str] = []
-    for p in packs:
-        name, size = p.result()
-        pack_names.append(name)
-        objects[name] = size
-    for rows_of_pack, zp in zpacks:
-        name, size, placed = zp.result()
-        pack_names.append(name)
-        objects[name] = size
-        for k, (off, st, cd) in zip(rows_of_pack, placed, strict=True):
-            c_off[k], c_st[k], c_cd[k] = off, st, cd
-    for k, first in twins:
-        c_off[k], c_st[k], c_cd[k] = c_off[first], c_st[first], c_cd[first]
-        c_obj[k] = c_obj[first]
-    if pack_names:
-        if all_new:
-            c_obj = list(map(pack_names.__getitem__, c_obj))
-        else:
-            c_obj = [pack_names[o] if type(o) is int else o for o in c_obj]
-    for k, fut in chunk_jobs:
-        seg, new = fut.result()
-        c_obj[k], c_off[k], c_len[k], c_sum[k], c_st[k], c_cd[k] = seg
-        if new:
-            objects[seg.object] = seg.stored
-    stats.bytes_written = sum(objects.values())
-    stats.objects_written = len(objects)
-    # the object directory is synced (on the pool, while the manifest is encoded here)
-    # before the manifest is published: the commit order of _commit is unchanged
-    synced: Future[None] | None = pool.submit(storage.sync_objects) if objects else None
-
-    # the manifest: every referenced object's size, and the columns built above
-    try:
-        for name in set(c_obj) - objects.keys():
-            objects[name] = sizes_of.get(name, 0) or _size_of(storage, name)
-        table = ArrayTable(
-            dtypes=dtypes,
-            shapes=shapes,
-            nbytes=nbytes,
-            starts=starts,
-            objects=c_obj,
-            offsets=c_off,
-            lengths=c_len,
-            checksums=c_sum,
-            stored=c_st,
-            codecs=c_cd,
-        )
-        manifest = Manifest(
-            step=step,
-            time=time.time(),
-            tree=flat.tree,
-            rng=flat.rng,
-            arrays=table,
-            objects=dict(sorted(objects.items())),
-            metrics=dict(metrics),
-            metadata=dict(metadata),
-            versions=_versions(),
-        )
-        data = encode_manifest(manifest, pre=pre)
-    finally:
+    results = [p.result() for p in packs]  # raises the first failed write
+    if early is not None:
+        if results != expected:  # a storage backend that wrote other bytes than it was given
+            raise StorageError(
+                f"the storage at {storage.location} wrote packs of other sizes than laid out "
+                f"({results} instead of {expected}); nothing was committed: check the storage backend",
+                path=storage.location,
+                step=step,
+            )
+        manifest, data = early
+        written = dict(expected)
+        if written:
+            storage.sync_objects()  # before the manifest is published: the commit order of _commit
+    else:
+        written = dict(results)
+        pack_names = [n for n, _ in results]
+        for rows_of_pack, zp in zpacks:
+            name, size, placed = zp.result()
+            pack_names.append(name)
+            written[name] = size
+            for k, (off, st, cd) in zip(rows_of_pack, placed, strict=True):
+                c_off[k], c_st[k], c_cd[k] = off, st, cd
+        for k, fut in chunk_jobs:
+            seg, new = fut.result()
+            c_obj[k], c_off[k], c_len[k], c_sum[k], c_st[k], c_cd[k] = seg
+            if new:
+                written[seg.object] = seg.stored
+        # the object directory is synced (on the pool, while the manifest is encoded here)
+        # before the manifest is published: the commit order of _commit is unchanged
+        synced: Future[None] | None = pool.submit(storage.sync_objects) if written else None
+        try:
+            manifest, data = commit_text(pack_names, written)
+        finally:
+            if synced is not None:
+                wait([synced])  # finished before this function returns or raises
         if synced is not None:
-            wait([synced])  # finished before this function returns or raises
-    if synced is not None:
-        synced.result()
+            synced.result()
+    stats.bytes_written = sum(written.values())
+    stats.objects_written = len(written)
     storage.publish_manifest(manifest_name(step), data)
     stats.seconds = time.perf_counter() - t0
     return manifest, stats
