@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import operator
 import os
 import uuid
 from collections.abc import Sequence
@@ -41,7 +42,17 @@ OBJECT_DIR = "objects"
 TMP_PREFIX = ".tmp-"
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_MAX_IOV = 1024  # stay well below IOV_MAX (1024 on Linux)
+
+
+def _iov_max() -> int:
+    try:
+        return max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+    except (ValueError, OSError):  # not known here: POSIX guarantees 16
+        return 16
+
+
+_MAX_IOV = _iov_max()  # buffers per writev: 1024 on Linux
+_NBYTES = operator.attrgetter("nbytes")
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 #: Bytes to write: a memoryview, or a C-contiguous array standing for its raw bytes (every
@@ -83,7 +94,10 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> int:
         batch = pending[:_MAX_IOV]
         n = os.writev(fd, as_buffers(batch))
         total += n
-        # drop fully written buffers, trim a partially written one
+        if n == sum(map(_NBYTES, batch)):  # the common case: the whole batch
+            pending = pending[len(batch) :]
+            continue
+        # a short write: drop fully written buffers, trim a partially written one
         done = 0
         while done < len(batch) and n >= batch[done].nbytes:
             n -= batch[done].nbytes

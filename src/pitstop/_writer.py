@@ -403,7 +403,10 @@ def write_checkpoint(
             views = pieces[lo + b : lo + e] if contiguous else [pieces[r] for r in new_rows[b:e]]
             if compression is None:
                 pads = [_PADS[-m % ALIGN] for m in new_sizes[b:e]]
-                bufs = list(itertools.chain.from_iterable(zip(views, pads, strict=True)))
+                if any(map(len, pads)):
+                    bufs = list(itertools.chain.from_iterable(zip(views, pads, strict=True)))
+                else:  # every piece a multiple of 64 bytes long (4 KiB arrays): no padding
+                    bufs = list(views)
                 hasher = xxhash.xxh3_128()
                 collections.deque(map(hasher.update, as_buffers(bufs)), maxlen=0)  # the pack's name
                 name = hasher.hexdigest()
