@@ -22,11 +22,12 @@ from typing import Any, TypeAlias, cast
 import numpy as np
 
 __all__ = [
-    "MANIFEST_DIR",
     "Buffer",
-    "as_buffers",
+    "MANIFEST_DIR",
     "OBJECT_DIR",
     "TMP_PREFIX",
+    "as_buffers",
+    "byte_view",
     "durable_write",
     "fsync_dir",
     "is_temporary",
@@ -79,10 +80,10 @@ def as_buffers(buffers: Sequence[Buffer]) -> Sequence[memoryview]:
     return cast("Sequence[memoryview]", buffers)
 
 
-def _byte_view(b: Buffer) -> memoryview:
-    """``b`` as a 1-D view of bytes (slicing it cuts bytes, not elements)."""
-    if isinstance(b, np.ndarray):
-        return b.reshape(-1).view(np.uint8).data
+def byte_view(b: Buffer) -> memoryview:
+    """``b`` as a 1-D view of its bytes (slicing it cuts bytes, not elements or rows)."""
+    if isinstance(b, np.ndarray):  # any shape, subclass (np.matrix) or dtype (ml_dtypes)
+        return np.frombuffer(b, dtype=np.uint8).data
     return b if b.format == "B" and b.ndim == 1 else b.cast("B")
 
 
@@ -90,6 +91,7 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     """Write every buffer, resuming after short writes. Returns the bytes written."""
     total = 0
     pending = [b for b in buffers if b.nbytes]
+    want = sum(map(_NBYTES, pending))
     while pending:
         batch = pending[:_MAX_IOV]
         n = os.writev(fd, as_buffers(batch))
@@ -104,8 +106,10 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> int:
             done += 1
         rest = pending[done:]
         if n and rest:
-            rest[0] = _byte_view(rest[0])[n:]
+            rest[0] = byte_view(rest[0])[n:]
         pending = rest
+    if total != want:  # a buffer whose byte view lost bytes: never commit a short file
+        raise OSError(errno.EIO, f"wrote {total} of {want} bytes")
     return total
 
 

@@ -5,7 +5,7 @@ larger one is cut into ``CHUNK_BYTES`` chunks (parallel IO, partial reads). Each
 hashed with xxh3-128; a piece whose bytes an earlier retained checkpoint (or this one)
 already stored is referenced, not written again — frozen layers and unchanged embeddings
 cost a hash. New large pieces become one object each, named by the checksum of their
-stored bytes; new small pieces are packed, 64-byte aligned, into objects of up to
+stored bytes; new small pieces are packed, 64-byte aligned, into objects of about
 ``PACK_BYTES`` named by the pack's own checksum. Objects are written durably on the thread
 pool, the object directory is synced once, and only then is the manifest published: the
 single commit.
@@ -31,12 +31,12 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import xxhash
 
-from ._commit import Buffer, as_buffers
+from ._commit import Buffer, as_buffers, byte_view
 from ._dtypes import dtype_name
 from ._errors import StorageError
 from ._manifest import (
@@ -58,7 +58,7 @@ __all__ = ["Compression", "DedupIndex", "SaveStats", "write_checkpoint"]
 
 SMALL_BYTES = 1 << 20
 CHUNK_BYTES = 64 << 20
-PACK_BYTES = 8 << 20  # small enough that the first packs are on disk while later ones fill
+PACK_BYTES = 8 << 20  # a pack holds this much plus at most one piece
 ALIGN = 64
 _ZEROS = memoryview(bytes(ALIGN))
 
@@ -113,7 +113,7 @@ def compress_piece(view: Buffer, opt: Compression) -> bytes | None:
     c = _compressor(opt.level)
     if n > 4 * SAMPLE_BYTES:
         mid = (n // 2) & ~63
-        sample = view[mid : mid + SAMPLE_BYTES]
+        sample = byte_view(view)[mid : mid + SAMPLE_BYTES]  # bytes, whatever the array's shape
         if len(c.compress(sample)) > SAMPLE_BYTES * (1.0 - opt.min_saving):
             return None  # incompressible (e.g. trained float weights): skip the full pass
     out: bytes = c.compress(view)
@@ -169,9 +169,9 @@ def _versions() -> dict[str, str]:
 def _write_pack(storage: Storage, buffers: list[Buffer], name: str | None = None) -> tuple[str, int]:
     """Write one pack (its pieces and zero padding, laid out by the caller); name and size.
 
-    ``name`` is the pack's checksum when the caller already hashed it (the writer does,
-    piece by piece, while laying the pack out: hashing thousands of small buffers here
-    would make this thread and the caller's take turns for the GIL thousands of times).
+    ``name`` is the pack's checksum when the caller already hashed it (the writer does, when
+    it lays the pack out: hashing thousands of small buffers here would make this thread
+    and the caller's take turns for the GIL thousands of times).
     """
     if name is None:
         h = xxhash.xxh3_128()
@@ -212,9 +212,9 @@ def _chunk_task(storage: Storage, digest: str, view: memoryview, opt: Compressio
     return Segment(name, 0, view.nbytes, digest, len(frame), CODEC_ZSTD)
 
 
-#: Small pieces are hashed, deduplicated and laid out in batches of about this many bytes:
-#: whole-batch list operations instead of Python work per array, and the first packs are
-#: on their way to the disk while later batches are still hashed.
+#: Small pieces are hashed and deduplicated in batches of about this many bytes: whole-batch
+#: list operations instead of Python work per array, and the first packs are on their way
+#: to the disk while later batches are still hashed.
 BATCH_BYTES = 16 << 20
 
 _PADS = [_ZEROS[:k] for k in range(ALIGN)]
@@ -232,16 +232,13 @@ def _rows(
     ``chunk`` bytes.
     """
     if nbytes and min(nbytes) > 0 and max(nbytes) <= small:  # the common case: one row per array
-        return list(arrays), nbytes, list(range(len(nbytes) + 1))
+        return list(arrays), list(nbytes), list(range(len(nbytes) + 1))
     pieces: list[Buffer] = []
     sizes: list[int] = []
     starts = [0]
     for a, n in zip(arrays, nbytes, strict=True):
         if n > small:
-            try:
-                v = memoryview(a).cast("B")  # type: ignore[arg-type]
-            except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
-                v = a.reshape(-1).view(np.uint8).data
+            v = byte_view(a)
             for o in range(0, n, chunk):
                 pieces.append(v[o : o + chunk])
                 sizes.append(min(chunk, n - o))
@@ -267,7 +264,7 @@ def _layout(sizes: list[int], pack_limit: int) -> tuple[list[int], list[int], li
     """Pack layout of consecutive new pieces: each piece's pack (0, 1, ...) and offset in it,
     and where each pack starts in ``sizes``.
 
-    Buffers are laid end to end, each padded to a multiple of ``ALIGN``; a piece belongs to
+    Pieces are laid end to end, each padded to a multiple of ``ALIGN``; a piece belongs to
     the pack in which it starts (packs of ``pack_limit`` bytes of that virtual stream), so a
     pack holds at most ``pack_limit`` bytes plus one piece.
     """
@@ -279,6 +276,188 @@ def _layout(sizes: list[int], pack_limit: int) -> tuple[list[int], list[int], li
     pack = np.cumsum(np.diff(which, prepend=which[:1]) != 0)
     offset = start - start[first][pack]
     return pack.tolist(), offset.tolist(), first.tolist()
+
+
+class _Rows:
+    """The segment rows of one save: its pieces, the manifest's segment columns, and the
+    pool tasks that write the new ones.
+
+    A new small piece's object is first its pack's number (resolved in :meth:`objects_of`
+    once the packs are named); a large piece's entries are placeholders filled from its
+    pool task's segment. New small pieces wait in ``pending`` until they fill a pack (the
+    pack in which a piece starts, see :func:`_layout`), so a save that changes a few
+    scattered arrays writes one pack, not one per batch.
+    """
+
+    def __init__(
+        self, storage: Storage, pool: Executor, flat: FlatState, index: DedupIndex, compression: Compression | None
+    ) -> None:
+        self.storage, self.pool, self.index, self.compression = storage, pool, index, compression
+        self.nbytes = [a.nbytes for a in flat.arrays]
+        self.pieces, self.sizes, self.starts = _rows(flat.arrays, self.nbytes, SMALL_BYTES, CHUNK_BYTES)
+        n = len(self.pieces)
+        self.obj: list[Any] = [None] * n
+        self.off = [0] * n
+        self.length = list(self.sizes)
+        self.sum = [""] * n
+        self.stored = list(self.sizes)
+        self.codec = [CODEC_NONE] * n
+        self.chunk_jobs: list[tuple[int, Future[tuple[Segment, bool]]]] = []
+        self.packs: list[Future[tuple[str, int]]] = []
+        self.laid_out: list[tuple[str, int]] = []  # each uncompressed pack's name and size
+        self.zpacks: list[tuple[list[int], Future[tuple[str, int, list[tuple[int, int, int]]]]]] = []
+        self.twins: list[tuple[int, int]] = []  # (row, first row with the same bytes) in this save
+        self.first_row: dict[str, int] = {}
+        self.pending: list[int] = []  # new small rows not yet in a written pack
+        self.all_new = True  # every row is a new small piece: its object is a pack number
+        self._present: dict[str, bool] = {}
+
+    def still_there(self, name: str) -> bool:
+        """Whether a stored object is still there, whole (checked once per save)."""
+        ok = self._present.get(name)
+        if ok is None:
+            ok = self._present[name] = self.storage.object_size(name) == self.index.objects.get(name)
+        return ok
+
+    def _big_task(self, view: memoryview) -> tuple[Segment, bool]:
+        digest = checksum(view)
+        old = self.index.pieces.get(digest)
+        if old is not None and self.still_there(old[0]):
+            return Segment(*old), False
+        return _chunk_task(self.storage, digest, view, self.compression), True
+
+    def add_all(self) -> None:
+        """Hand every piece to the pool: large ones as tasks of their own, small ones packed."""
+        sizes = self.sizes
+        if max(sizes, default=0) > SMALL_BYTES:
+            self.all_new = False
+            for r, m in enumerate(sizes):
+                if m > SMALL_BYTES:
+                    view = cast(memoryview, self.pieces[r])  # large pieces are byte views
+                    self.chunk_jobs.append((r, self.pool.submit(self._big_task, view)))
+            small_rows = [r for r, m in enumerate(sizes) if m <= SMALL_BYTES]
+        else:
+            small_rows = list(range(len(sizes)))
+        for rows in _batches(small_rows, sizes, BATCH_BYTES):
+            self._add_small(rows)
+        self._write_packs(final=True)
+
+    def _add_small(self, rows: list[int]) -> None:
+        """Hash and deduplicate the small pieces ``rows``; queue the new ones for packs."""
+        if not rows:
+            return
+        lo, hi = rows[0], rows[-1] + 1
+        run = hi - lo == len(rows)  # consecutive rows (no large piece among them): slices
+        batch = self.pieces[lo:hi] if run else [self.pieces[r] for r in rows]
+        digests = list(map(xxhash.xxh3_128_hexdigest, as_buffers(batch)))
+        if run:
+            self.sum[lo:hi] = digests
+        else:
+            for r, d in zip(rows, digests, strict=True):
+                self.sum[r] = d
+        known = self.index.pieces
+        hits = list(map(known.get, digests)) if known else None
+        if (
+            (hits is None or not any(hits))
+            and len(set(digests)) == len(digests)
+            and self.first_row.keys().isdisjoint(digests)
+        ):  # every piece is new (the common first save)
+            self.first_row.update(zip(digests, rows, strict=True))
+            self.pending += rows
+        elif run and hits is not None and all(hits) and all(map(self.still_there, {h[0] for h in hits})):  # type: ignore[index]
+            # every piece is stored already (an unchanged state): the columns of the old rows
+            obj, off, _, _, st, cd = zip(*hits, strict=True)
+            self.obj[lo:hi], self.off[lo:hi], self.stored[lo:hi], self.codec[lo:hi] = obj, off, st, cd
+            self.all_new = False
+        else:
+            self.all_new = False
+            for k, (r, d) in enumerate(zip(rows, digests, strict=True)):
+                old = hits[k] if hits is not None else None
+                if old is not None and self.still_there(old[0]):
+                    self.obj[r], self.off[r], self.stored[r], self.codec[r] = old[0], old[1], old[4], old[5]
+                elif d in self.first_row:
+                    self.twins.append((r, self.first_row[d]))
+                else:
+                    self.first_row[d] = r
+                    self.pending.append(r)
+        self._write_packs(final=False)
+
+    def _write_packs(self, *, final: bool) -> None:
+        """Lay out the pending new pieces in packs and hand the full ones (all, when
+        ``final``) to the pool; a last pack not yet full stays pending."""
+        rows = self.pending
+        if not rows:
+            return
+        sizes = [self.sizes[r] for r in rows]
+        pack_of, offsets, firsts = _layout(sizes, PACK_BYTES)
+        firsts.append(len(rows))
+        if not final and offsets[-1] + sizes[-1] < PACK_BYTES:  # the last pack is not full
+            firsts.pop()
+            if len(firsts) == 1:
+                return  # not even one pack yet
+        base = len(self.packs) + len(self.zpacks)
+        lo = rows[0]
+        contiguous = rows[-1] - lo + 1 == len(rows)
+        end = firsts[-1]
+        if contiguous:
+            self.obj[lo : lo + end] = [p + base for p in pack_of[:end]] if base else pack_of[:end]
+            self.off[lo : lo + end] = offsets[:end]
+        else:
+            for r, p, o in zip(rows[:end], pack_of, offsets, strict=False):
+                self.obj[r], self.off[r] = p + base, o
+        for b, e in itertools.pairwise(firsts):
+            views = self.pieces[lo + b : lo + e] if contiguous else [self.pieces[r] for r in rows[b:e]]
+            if self.compression is not None:  # offsets are known once the pack is compressed
+                future = self.pool.submit(_compress_pack, self.storage, views, self.compression)
+                self.zpacks.append((rows[b:e], future))
+                continue
+            pads = [_PADS[-m % ALIGN] for m in sizes[b:e]]
+            if any(map(len, pads)):
+                bufs = list(itertools.chain.from_iterable(zip(views, pads, strict=True)))
+            else:  # every piece a multiple of 64 bytes long (4 KiB arrays): no padding
+                bufs = list(views)
+            hasher = xxhash.xxh3_128()
+            collections.deque(map(hasher.update, as_buffers(bufs)), maxlen=0)  # the pack's name
+            name = hasher.hexdigest()
+            self.laid_out.append((name, offsets[e - 1] + sizes[e - 1] + pads[-1].nbytes))
+            self.packs.append(self.pool.submit(_write_pack, self.storage, bufs, name))
+        self.pending = rows[end:]
+
+    def running(self) -> list[Future[Any]]:
+        return [*self.packs, *(f for _, f in self.zpacks), *(f for _, f in self.chunk_jobs)]
+
+    def objects_of(self, pack_names: list[str], written: dict[str, int]) -> dict[str, int]:
+        """Resolve every row's object once the packs are named; every referenced object's
+        size (``written``: the objects this save wrote)."""
+        for k, first in self.twins:
+            self.obj[k], self.off[k] = self.obj[first], self.off[first]
+            self.stored[k], self.codec[k] = self.stored[first], self.codec[first]
+        if pack_names:
+            if self.all_new:
+                self.obj = list(map(pack_names.__getitem__, self.obj))
+            else:
+                self.obj = [pack_names[o] if type(o) is int else o for o in self.obj]
+        objects = dict(written)
+        for name in set(self.obj) - objects.keys():
+            objects[name] = self.index.objects.get(name, 0) or _size_of(self.storage, name)
+        return objects
+
+    def results(self) -> tuple[list[str], dict[str, int]]:
+        """After every task finished: the packs' names and the objects written (late path)."""
+        written = dict(f.result() for f in self.packs)
+        pack_names = [f.result()[0] for f in self.packs]
+        for rows_of_pack, zp in self.zpacks:
+            name, size, placed = zp.result()
+            pack_names.append(name)
+            written[name] = size
+            for k, (off, st, cd) in zip(rows_of_pack, placed, strict=True):
+                self.off[k], self.stored[k], self.codec[k] = off, st, cd
+        for k, fut in self.chunk_jobs:
+            seg, new = fut.result()
+            self.obj[k], self.off[k], self.length[k], self.sum[k], self.stored[k], self.codec[k] = seg
+            if new:
+                written[seg.object] = seg.stored
+        return pack_names, written
 
 
 def write_checkpoint(
@@ -304,132 +483,18 @@ def write_checkpoint(
     """
     t0 = time.perf_counter()
     stats = SaveStats()
-    small, pack_limit = SMALL_BYTES, PACK_BYTES
-    known, sizes_of = index.pieces, index.objects
-    present: dict[str, bool] = {}
-
-    def still_there(name: str) -> bool:
-        """Whether a stored object is still there, whole (checked once per save)."""
-        ok = present.get(name)
-        if ok is None:
-            ok = present[name] = storage.object_size(name) == sizes_of.get(name)
-        return ok
-
-    def big_task(view: memoryview) -> tuple[Segment, bool]:
-        digest = checksum(view)
-        old = known.get(digest)
-        if old is not None and still_there(old[0]):
-            return Segment(*old), False
-        return _chunk_task(storage, digest, view, compression), True
-
+    rows = _Rows(storage, pool, flat, index, compression)
     arrays = flat.arrays
-    nbytes = [a.nbytes for a in arrays]
-    pieces, sizes, starts = _rows(arrays, nbytes, small, CHUNK_BYTES)
-    n_rows = len(pieces)
-    # The manifest's segment columns, one entry per row. A new small piece's object is
-    # first its pack's number, resolved once the pack is named; a large piece's entries are
-    # placeholders filled from its pool task's segment.
-    c_obj: list[Any] = [None] * n_rows
-    c_off = [0] * n_rows
-    c_len = list(sizes)
-    c_sum = [""] * n_rows
-    c_st = list(sizes)
-    c_cd = [CODEC_NONE] * n_rows
-    chunk_jobs: list[tuple[int, Future[tuple[Segment, bool]]]] = []
-    packs: list[Future[tuple[str, int]]] = []
-    expected: list[tuple[str, int]] = []  # each pack's name and size, as laid out
-    zpacks: list[tuple[list[int], Future[tuple[str, int, list[tuple[int, int, int]]]]]] = []
-    twins: list[tuple[int, int]] = []  # (row, first row with the same bytes) within this save
-    first_row: dict[str, int] = {}
-    digest_of = xxhash.xxh3_128_hexdigest
-    all_new = True  # every row is a new small piece: its object is a pack number
-
-    def add_small(rows: list[int]) -> None:
-        """Hash, deduplicate, lay out and hand to the pool the small pieces ``rows``."""
-        nonlocal all_new
-        if not rows:
-            return
-        lo, hi = rows[0], rows[-1] + 1
-        run = hi - lo == len(rows)  # consecutive rows (no large piece among them): slices
-        batch = pieces[lo:hi] if run else [pieces[r] for r in rows]
-        digests = list(map(digest_of, as_buffers(batch)))
-        if run:
-            c_sum[lo:hi] = digests
-        else:
-            for r, d in zip(rows, digests, strict=True):
-                c_sum[r] = d
-        hits = list(map(known.get, digests)) if known else None
-        if (
-            (hits is None or not any(hits))
-            and len(set(digests)) == len(digests)
-            and first_row.keys().isdisjoint(digests)
-        ):
-            new_rows = rows  # every piece is new (the common first save)
-        elif run and hits is not None and all(hits) and all(map(still_there, {h[0] for h in hits})):  # type: ignore[index]
-            # every piece is stored already (an unchanged state): the columns of the old rows
-            obj, off, _, _, st, cd = zip(*hits, strict=True)
-            c_obj[lo:hi], c_off[lo:hi], c_st[lo:hi], c_cd[lo:hi] = obj, off, st, cd
-            all_new = False
-            return
-        else:
-            all_new = False
-            new_rows = []
-            for k, (r, d) in enumerate(zip(rows, digests, strict=True)):
-                old = hits[k] if hits is not None else None
-                if old is not None and still_there(old[0]):
-                    c_obj[r], c_off[r], c_st[r], c_cd[r] = old[0], old[1], old[4], old[5]
-                elif d in first_row:
-                    twins.append((r, first_row[d]))
-                else:
-                    first_row[d] = r
-                    new_rows.append(r)
-        if not new_rows:
-            return
-        if new_rows is rows:
-            first_row.update(zip(digests, rows, strict=True))
-        new_sizes = [sizes[r] for r in new_rows]
-        pack_of, offsets, firsts = _layout(new_sizes, pack_limit)
-        base = len(packs) + len(zpacks)
-        if base:
-            pack_of = [p + base for p in pack_of]
-        contiguous = run and new_rows is rows
-        if contiguous:
-            c_obj[lo:hi], c_off[lo:hi] = pack_of, offsets
-        else:
-            for r, p, o in zip(new_rows, pack_of, offsets, strict=True):
-                c_obj[r], c_off[r] = p, o
-        firsts.append(len(new_rows))
-        for b, e in itertools.pairwise(firsts):
-            views = pieces[lo + b : lo + e] if contiguous else [pieces[r] for r in new_rows[b:e]]
-            if compression is None:
-                pads = [_PADS[-m % ALIGN] for m in new_sizes[b:e]]
-                if any(map(len, pads)):
-                    bufs = list(itertools.chain.from_iterable(zip(views, pads, strict=True)))
-                else:  # every piece a multiple of 64 bytes long (4 KiB arrays): no padding
-                    bufs = list(views)
-                hasher = xxhash.xxh3_128()
-                collections.deque(map(hasher.update, as_buffers(bufs)), maxlen=0)  # the pack's name
-                name = hasher.hexdigest()
-                expected.append((name, offsets[e - 1] + new_sizes[e - 1] + pads[-1].nbytes))
-                packs.append(pool.submit(_write_pack, storage, bufs, name))
-            else:  # offsets are known once the pack is compressed
-                zpacks.append((new_rows[b:e], pool.submit(_compress_pack, storage, views, compression)))
+    pre: dict[str, str] = {}
+    dtypes: list[str] = []
+    shapes: list[tuple[int, ...]] = []
 
     def commit_text(pack_names: list[str], written: dict[str, int]) -> tuple[Manifest, bytes]:
         """The manifest once every row's object is known (``written``: the new objects)."""
-        nonlocal c_obj
-        for k, first in twins:
-            c_obj[k], c_off[k], c_st[k], c_cd[k] = c_obj[first], c_off[first], c_st[first], c_cd[first]
-        if pack_names:
-            if all_new:
-                c_obj = list(map(pack_names.__getitem__, c_obj))
-            else:
-                c_obj = [pack_names[o] if type(o) is int else o for o in c_obj]
-        objects = dict(written)  # and every other referenced object's size
-        for name in set(c_obj) - objects.keys():
-            objects[name] = sizes_of.get(name, 0) or _size_of(storage, name)
-        table = ArrayTable(dtypes=dtypes, shapes=shapes, nbytes=nbytes, starts=starts, objects=c_obj,
-                           offsets=c_off, lengths=c_len, checksums=c_sum, stored=c_st, codecs=c_cd)  # fmt: skip
+        objects = rows.objects_of(pack_names, written)
+        table = ArrayTable(dtypes=dtypes, shapes=shapes, nbytes=rows.nbytes, starts=rows.starts, objects=rows.obj,
+                           offsets=rows.off, lengths=rows.length, checksums=rows.sum, stored=rows.stored,
+                           codecs=rows.codec)  # fmt: skip
         manifest = Manifest(
             step=step,
             time=time.time(),
@@ -445,62 +510,39 @@ def write_checkpoint(
 
     early: tuple[Manifest, bytes] | None = None
     try:
-        small_rows: list[int] = []
-        if max(sizes, default=0) > small:
-            for r, m in enumerate(sizes):
-                if m > small:
-                    chunk_jobs.append((r, pool.submit(big_task, pieces[r])))  # type: ignore[arg-type]
-        if chunk_jobs:
-            all_new = False
-            small_rows = [r for r, m in enumerate(sizes) if m <= small]
-        else:
-            small_rows = list(range(n_rows))
-        for rows in _batches(small_rows, sizes, BATCH_BYTES):
-            add_small(rows)
-        stats.state_bytes = sum(nbytes)
+        rows.add_all()
+        stats.state_bytes = sum(rows.nbytes)
         # while the pool writes: the JSON of everything already final
         dts = list(map(_DTYPE, arrays))
         names = {dt: dtype_name(dt) for dt in set(dts)}
         dtypes = list(map(names.__getitem__, dts))
         shapes = list(map(_SHAPE, arrays))
-        pre = {"tree": encode_node(flat.tree), "arrays.dtype": encode_column(dtypes),
-               "arrays.shape": encode_column(shapes)}  # fmt: skip
-        if not chunk_jobs and compression is None:
+        pre.update({"tree": encode_node(flat.tree), "arrays.dtype": encode_column(dtypes),
+                    "arrays.shape": encode_column(shapes)})  # fmt: skip
+        if not rows.chunk_jobs and compression is None:
             # every pack's name and size is known already (hashed and laid out here), so the
             # whole manifest is encoded while the pool still writes
-            early = commit_text([n for n, _ in expected], dict(expected))
+            early = commit_text([n for n, _ in rows.laid_out], dict(rows.laid_out))
     finally:
         # every task must be finished before this function returns or raises: a task still
         # writing after a failed save would race the next save and garbage collection
-        running: list[Future[Any]] = [*packs, *(f for _, f in zpacks), *(f for _, f in chunk_jobs)]
-        wait(running)
-    results = [p.result() for p in packs]  # raises the first failed write
+        wait(rows.running())
     if early is not None:
-        if results != expected:  # a storage backend that wrote other bytes than it was given
-            raise StorageError(
-                f"the storage at {storage.location} wrote packs of other sizes than laid out "
-                f"({results} instead of {expected}); nothing was committed: check the storage backend",
-                path=storage.location,
-                step=step,
-            )
+        for f, want in zip(rows.packs, rows.laid_out, strict=True):
+            got = f.result()  # raises the first failed write
+            if got != want:  # a storage backend that wrote other bytes than it was given
+                raise StorageError(
+                    f"the storage at {storage.location} wrote {got[1]} bytes for pack {got[0]}, laid out "
+                    f"as {want[1]}; nothing was committed: check the storage backend",
+                    path=storage.location,
+                    step=step,
+                )
         manifest, data = early
-        written = dict(expected)
+        written = dict(rows.laid_out)
         if written:
             storage.sync_objects()  # before the manifest is published: the commit order of _commit
     else:
-        written = dict(results)
-        pack_names = [n for n, _ in results]
-        for rows_of_pack, zp in zpacks:
-            name, size, placed = zp.result()
-            pack_names.append(name)
-            written[name] = size
-            for k, (off, st, cd) in zip(rows_of_pack, placed, strict=True):
-                c_off[k], c_st[k], c_cd[k] = off, st, cd
-        for k, fut in chunk_jobs:
-            seg, new = fut.result()
-            c_obj[k], c_off[k], c_len[k], c_sum[k], c_st[k], c_cd[k] = seg
-            if new:
-                written[seg.object] = seg.stored
+        pack_names, written = rows.results()
         # the object directory is synced (on the pool, while the manifest is encoded here)
         # before the manifest is published: the commit order of _commit is unchanged
         synced: Future[None] | None = pool.submit(storage.sync_objects) if written else None

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import pitstop
+import pitstop._commit
 import pitstop._reader
 import pitstop._writer
 from pitstop._storage import LocalStorage
@@ -293,3 +294,82 @@ def test_async_snapshot_bound_blocks_instead_of_allocating(tmp_path: Path) -> No
         mgr.wait_until_finished()
         assert np.array_equal(mgr.restore(step=3)[1]["x"], np.ones(10_000))
         assert np.array_equal(mgr.restore(step=2)[1]["w"], np.full(100, 2, np.float32))
+
+
+def test_stored_batch_whose_pack_vanished_is_written_again(tmp_path: Path) -> None:
+    """A batch whose every piece an earlier save stored, but whose pack is gone meanwhile,
+    is written again instead of referencing the missing object."""
+    rng = np.random.default_rng(0)
+    state = {f"a{i:03d}": rng.standard_normal(32) for i in range(50)}
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False, max_to_keep=None) as mgr:
+        mgr.save(1, state)
+        for obj in (tmp_path / "c" / "objects").iterdir():
+            obj.unlink()
+        mgr.save(2, state)
+        assert mgr.last_save_stats is not None and mgr.last_save_stats.objects_written == 1
+        assert mgr.verify(2) == [2]
+        assert_same(mgr.restore(step=2)[1], state)
+
+
+def test_scattered_changes_share_one_pack(tmp_path: Path, tiny_pieces: None) -> None:
+    """New pieces found in different batches wait for each other: one pack, not one per batch."""
+    rng = np.random.default_rng(0)
+    state = {f"w{i:03d}": rng.standard_normal(512) for i in range(200)}  # 4 KiB each, ~17 batches
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False, max_to_keep=None) as mgr:
+        mgr.save(1, state)
+        for i in range(0, 200, 25):  # 8 arrays, 32 KiB: one pack
+            state[f"w{i:03d}"] = state[f"w{i:03d}"] + 1
+        mgr.save(2, state)
+        stats = mgr.last_save_stats
+        assert stats is not None and (stats.objects_written, stats.bytes_written) == (1, 8 * 4096)
+        assert_same(mgr.restore(step=2)[1], state)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")  # np.matrix on purpose
+def test_short_writes_cut_bytes_of_any_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every writev writes at most 10 bytes: pieces that are matrices, 0-d, 2-D bfloat16 or
+    int4 arrays are resumed byte-exactly (a resumed buffer is cut in bytes, not rows)."""
+    import ml_dtypes
+
+    real = pitstop._commit.os.writev
+
+    def stingy(fd: int, buffers: Any) -> int:
+        return real(fd, [memoryview(np.frombuffer(buffers[0], np.uint8))[:10]])
+
+    state = {
+        "matrix": np.matrix(np.arange(48, dtype=np.float32).reshape(3, 16)),
+        "scalar": np.float64(1.5),
+        "bf16": np.arange(30, dtype=np.float32).reshape(5, 6).astype(ml_dtypes.bfloat16),
+        "int4": np.arange(-8, 8, dtype=np.int8).reshape(4, 4).astype(ml_dtypes.int4),
+    }
+    monkeypatch.setattr(pitstop._commit.os, "writev", stingy)
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False) as mgr:
+        mgr.save(1, state)
+        monkeypatch.setattr(pitstop._commit.os, "writev", real)
+        assert mgr.verify() == [1]
+        got = mgr.restore(step=1)[1]
+    for k, v in state.items():
+        assert np.asarray(got[k]).tobytes() == np.asarray(v).tobytes(), k
+
+
+def test_zstd_samples_the_middle_of_any_small_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An incompressible 1 MiB 2-D float32 array costs one 64 KiB trial, not a full pass."""
+    real = pitstop._writer._compressor
+    offered: list[int] = []
+
+    class Spy:
+        def __init__(self, c: Any) -> None:
+            self.c = c
+
+        def compress(self, data: Any) -> bytes:
+            offered.append(memoryview(data).nbytes if not isinstance(data, np.ndarray) else data.nbytes)
+            out: bytes = self.c.compress(data)
+            return out
+
+    monkeypatch.setattr(pitstop._writer, "_compressor", lambda level: Spy(real(level)))
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal((512, 512)).astype(np.float32) for i in range(4)}
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False, compression="zstd") as mgr:
+        mgr.save(1, state)
+        assert_same(mgr.restore(step=1)[1], state)
+    assert offered == [pitstop._writer.SAMPLE_BYTES] * 4
