@@ -29,9 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._dtypes import dtype_from_name, dtype_name, is_storable, storage_dtype
+from ._dtypes import _NAME_BY_DTYPE, dtype_from_name, dtype_name, is_storable, storage_dtype
 from ._errors import Mismatch, UnsupportedStateError
-from ._manifest import ArrayEntry
+from ._manifest import ArrayEntry, ArrayTable
 
 __all__ = [
     "RestorePlan",
@@ -431,6 +431,8 @@ class _Planner:
     def __init__(self, entries: Sequence[ArrayEntry], plan: RestorePlan) -> None:
         self.entries = entries
         self.plan = plan
+        # the columns of a manifest's table, for the fast path of plain array leaves
+        self._columns = (entries.dtypes, entries.shapes) if isinstance(entries, ArrayTable) else None
 
     def _fresh(self, node: dict[str, Any], path: PathT) -> Resolver:
         for i in node_arrays(node):
@@ -462,7 +464,11 @@ class _Planner:
                 self._mismatch(path, node, target)
                 return None
             writes: list[tuple[Any, Resolver]] = []
-            for key in sorted(set(body) | set(target)):
+            same_keys = body.keys() == target.keys()
+            keys = sorted(body) if same_keys else sorted(set(body) | set(target))
+            if same_keys and self._columns is not None:
+                keys = self._array_leaves(body, target, path, keys)
+            for key in keys:
                 child_path = (*path, key)
                 if key not in body:
                     if target[key] is not OPTIONAL:
@@ -499,6 +505,29 @@ class _Planner:
             f"cannot restore into {display_path(path)}: a {_object_type(target)} is neither an "
             "array, a JSON value, a dict/list, nor an object with state_dict()/load_state_dict()"
         )
+
+    def _array_leaves(self, body: dict[str, Any], target: Mapping[str, Any], path: PathT, keys: list[str]) -> list[str]:
+        """Plan the common leaf at once: a saved array restored into a writable NumPy array
+        of the same dtype and shape (a read straight into it). Returns the other keys."""
+        assert self._columns is not None
+        dtypes, shapes = self._columns
+        reads, restored = self.plan.reads, self.plan.restored
+        rest = []
+        for key in keys:
+            t = target[key]
+            if type(t) is np.ndarray:
+                i = body[key].get("array")
+                if (
+                    i is not None
+                    and dtypes[i] == _NAME_BY_DTYPE.get(t.dtype)
+                    and shapes[i] == t.shape
+                    and t.flags.writeable
+                ):
+                    reads[i] = t
+                    restored.append((*path, key))
+                    continue
+            rest.append(key)
+        return rest
 
     def _write_back(self, target: Any, writes: list[tuple[Any, Resolver]], borrowed: bool) -> Resolver | None:
         """Store restored values into the user's own ``target``, or, when ``target`` is
