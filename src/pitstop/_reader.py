@@ -143,11 +143,12 @@ class _ObjectRead:
                         raw.append((p, buf))
         digest_of, sums = xxhash.xxh3_128_hexdigest, t.checksums
         for p, data in raw:
-            if data is p.dest and data is not None and codecs[p.seg] == CODEC_NONE:  # in place: check
-                if digest_of(data) != sums[p.seg]:
-                    self._damaged(p, "fail their checksum")
-            else:
-                self._finish(p, data)
+            if codecs[p.seg] != CODEC_NONE or (data is not p.dest and p.dest is not None):
+                self._finish(p, data)  # decompress, or copy into the destination
+            elif digest_of(data) != sums[p.seg]:
+                self._damaged(p, "fail their checksum")
+            elif p.dest is None:
+                p.got = data  # a view of the span, the mapping or a buffer of its own
 
     def _scatter(self, start: int, end: int) -> None:
         stored = self.t.stored
@@ -382,9 +383,15 @@ def read_arrays(
             by_object[objects[j]].append(_Piece(j, offsets[j], view[pos : pos + n], i))
             pos += n
     _run(storage, t, by_object, pool, describe, where, manifest.step, mmap)
+    dtypes, shapes = t.dtypes, t.shapes
+    dtype_of: dict[str, np.dtype[Any]] = {}
     for i, p in fresh:
         assert p.got is not None
-        out[i] = p.got.view(_dtype(t.dtypes[i])).reshape(t.shapes[i])
+        name = dtypes[i]
+        dt = dtype_of.get(name)
+        if dt is None:
+            dt = dtype_of[name] = _dtype(name)
+        out[i] = np.ndarray(shapes[i], dt, p.got)  # a view of the bytes read (writable unless mapped)
     for target, dest in copies:
         np.copyto(target, dest, casting="unsafe")
     return out
