@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, wait
+from concurrent.futures import Executor, Future, wait
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = ["read_arrays", "verify_manifest"]
 _COALESCE_LIMIT = 256 << 20  # read a packed object's span at once up to this size
 _GAP_LIMIT = 1 << 20  # ... and only if it reads at most this much (or 2x) unwanted data
 _MAX_IOV = 1024
+_PREFETCH_LIMIT = 256 << 20  # advise at most this much ahead: more could evict itself
 
 
 class _Piece:
@@ -274,6 +275,32 @@ def _in_place(t: ArrayTable, requests: Mapping[int, np.ndarray[Any, Any] | None]
     return out
 
 
+def _prefetch(storage: Storage, manifest: Manifest, requests: Mapping[int, Any], pool: Executor) -> list[Future[None]]:
+    """Ask the backend to start reading the requested bytes now (local disks only), so
+    that the disk works while the reader prepares its buffers; returns the advice tasks."""
+    fn = getattr(storage, "prefetch_object", None)
+    if fn is None:
+        return []
+    t = manifest.arrays
+    if len(requests) == len(t):
+        spans = {name: (0, size) for name, size in manifest.objects.items()}
+    else:
+        spans = {}
+        starts, objects, offsets, stored = t.starts, t.objects, t.offsets, t.stored
+        for i in requests:
+            for j in range(starts[i], starts[i + 1]):
+                lo, hi = offsets[j], offsets[j] + stored[j]
+                had = spans.get(objects[j])
+                spans[objects[j]] = (lo, hi) if had is None else (min(had[0], lo), max(had[1], hi))
+    tasks = []
+    budget = _PREFETCH_LIMIT
+    for name, (lo, hi) in spans.items():
+        if hi - lo <= budget:
+            budget -= hi - lo
+            tasks.append(pool.submit(fn, name, lo, hi - lo))
+    return tasks
+
+
 def _sizes(storage: Storage, names: list[str], pool: Executor) -> list[int | None]:
     """Each object's size (``None``: missing), inspected in parallel (HEADs on object stores)."""
     if len(names) <= 1:
@@ -322,38 +349,18 @@ def _check_objects(
         _raise_problems(problems, manifest.step, where)
 
 
-def read_arrays(
-    storage: Storage,
-    manifest: Manifest,
-    requests: Mapping[int, np.ndarray[Any, Any] | None],
-    pool: Executor,
-    describe: Callable[[int], str],
-    where: str,
-    *,
-    mmap: bool = False,
-    checked: bool = False,
-) -> dict[int, np.ndarray[Any, Any]]:
-    """Read the requested arrays; into the given target where it fits, else fresh.
+_Copies = list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]]
 
-    Args:
-        mmap: Arrays without a target that are stored in one uncompressed segment become
-            read-only views of the memory-mapped object (backends that can map only).
-        checked: The caller has just made sure every object read holds the bytes the
-            manifest references (``verify_manifest`` does): they are not inspected again.
 
-    Returns:
-        Array index -> the array holding the restored data (the target when given).
-
-    Raises:
-        CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
-    """
-    t = manifest.arrays
-    in_place = _in_place(t, requests)
-    if not checked:
-        _check_objects(storage, manifest, requests, in_place, pool, where)
+def _pieces(
+    t: ArrayTable, requests: Mapping[int, np.ndarray[Any, Any] | None], in_place: set[int]
+) -> tuple[dict[int, np.ndarray[Any, Any]], _Copies, list[tuple[int, _Piece]], dict[str, list[_Piece]]]:
+    """Where each requested segment goes: the arrays handed out (targets and new buffers),
+    the buffers to copy into targets afterwards, the arrays still to be made from their
+    one piece's bytes, and the pieces to read, by object."""
     starts, lengths, objects, offsets = t.starts, t.lengths, t.objects, t.offsets
     out: dict[int, np.ndarray[Any, Any]] = {}
-    copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+    copies: _Copies = []
     fresh: list[tuple[int, _Piece]] = []  # arrays made from their one piece's buffer
     by_object: dict[str, list[_Piece]] = defaultdict(list)
     for i, target in requests.items():
@@ -382,7 +389,44 @@ def read_arrays(
             n = lengths[j]
             by_object[objects[j]].append(_Piece(j, offsets[j], view[pos : pos + n], i))
             pos += n
-    _run(storage, t, by_object, pool, describe, where, manifest.step, mmap)
+    return out, copies, fresh, by_object
+
+
+def read_arrays(
+    storage: Storage,
+    manifest: Manifest,
+    requests: Mapping[int, np.ndarray[Any, Any] | None],
+    pool: Executor,
+    describe: Callable[[int], str],
+    where: str,
+    *,
+    mmap: bool = False,
+    checked: bool = False,
+) -> dict[int, np.ndarray[Any, Any]]:
+    """Read the requested arrays; into the given target where it fits, else fresh.
+
+    Args:
+        mmap: Arrays without a target that are stored in one uncompressed segment become
+            read-only views of the memory-mapped object (backends that can map only).
+        checked: The caller has just made sure every object read holds the bytes the
+            manifest references (``verify_manifest`` does): they are not inspected again.
+
+    Returns:
+        Array index -> the array holding the restored data (the target when given).
+
+    Raises:
+        CorruptCheckpointError: a segment is missing, truncated or fails its checksum.
+    """
+    t = manifest.arrays
+    advice = _prefetch(storage, manifest, requests, pool)
+    try:
+        in_place = _in_place(t, requests)
+        if not checked:
+            _check_objects(storage, manifest, requests, in_place, pool, where)
+        out, copies, fresh, by_object = _pieces(t, requests, in_place)
+        _run(storage, t, by_object, pool, describe, where, manifest.step, mmap)
+    finally:
+        wait(advice)  # long done by now: no task of this read outlives it
     dtypes, shapes = t.dtypes, t.shapes
     dtype_of: dict[str, np.dtype[Any]] = {}
     for i, p in fresh:
