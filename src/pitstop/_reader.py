@@ -277,7 +277,7 @@ def _in_place(t: ArrayTable, requests: Mapping[int, np.ndarray[Any, Any] | None]
 
 def _prefetch(storage: Storage, manifest: Manifest, requests: Mapping[int, Any], pool: Executor) -> list[Future[None]]:
     """Ask the backend to start reading the requested bytes now (local disks only), so
-    that the disk works while the reader prepares its buffers; returns the advice tasks."""
+    that the disk works while the reader prepares its buffers; returns the advice task."""
     fn = getattr(storage, "prefetch_object", None)
     if fn is None:
         return []
@@ -292,13 +292,19 @@ def _prefetch(storage: Storage, manifest: Manifest, requests: Mapping[int, Any],
                 lo, hi = offsets[j], offsets[j] + stored[j]
                 had = spans.get(objects[j])
                 spans[objects[j]] = (lo, hi) if had is None else (min(had[0], lo), max(had[1], hi))
-    tasks = []
+    advice = []
     budget = _PREFETCH_LIMIT
     for name, (lo, hi) in spans.items():
         if hi - lo <= budget:
             budget -= hi - lo
-            tasks.append(pool.submit(fn, name, lo, hi - lo))
-    return tasks
+            advice.append((name, lo, hi - lo))
+
+    def advise() -> None:
+        for name, offset, length in advice:
+            fn(name, offset, length)
+
+    # one task: the advice is quick, and each extra task could start another thread
+    return [pool.submit(advise)] if advice else []
 
 
 def _sizes(storage: Storage, names: list[str], pool: Executor) -> list[int | None]:
