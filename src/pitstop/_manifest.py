@@ -472,7 +472,6 @@ def _census(value: Any, tally: list[int]) -> None:
 _ARRAY_KEYS = frozenset({"dtype", "shape", "segments"})
 _SEGMENT_KEYS = frozenset({"object", "offset", "length", "checksum", "stored", "codec"})
 _OBJECT_KEYS = frozenset({"name", "size"})
-_HEX_CHARS_RE = re.compile(r"\A[0-9a-f]*\Z")
 _INT_ONLY = frozenset({int})  # exactly int: bool is a subclass, but type(True) is bool
 _STR_ONLY = frozenset({str})
 _LIST_ONLY = frozenset({list})
@@ -502,14 +501,15 @@ def _int_column(col: list[Any], what: str, lo: int, hi: int) -> list[int]:
 
 
 def _hex_column(col: list[Any], what: str) -> list[str]:
-    if (
-        not set(map(type, col)) <= _STR_ONLY
-        or not set(map(len, col)) <= _LEN_32
-        or not _HEX_CHARS_RE.match("".join(col))
-    ):
+    if not set(map(type, col)) <= _STR_ONLY or not set(map(len, col)) <= _LEN_32 or not _only_hex_digits("".join(col)):
         bad = next(x for x in col if type(x) is not str or not _HEX_RE.match(x))
         raise _InvalidError(f"{what} must hold 32 lowercase hex digits, got {_short(bad)}")
     return col
+
+
+def _only_hex_digits(text: str) -> bool:
+    """Whether ``text`` holds only ``0-9a-f`` (a C-level pass; a regex is ~6x slower)."""
+    return text.isascii() and not text.encode().translate(None, b"0123456789abcdef")
 
 
 def _parse_objects(v: Any) -> dict[str, int]:
