@@ -40,6 +40,7 @@ _COALESCE_LIMIT = 256 << 20  # read a packed object's span at once up to this si
 _GAP_LIMIT = 1 << 20  # ... and only if it reads at most this much (or 2x) unwanted data
 _MAX_IOV = 1024
 _PREFETCH_LIMIT = 256 << 20  # advise at most this much ahead: more could evict itself
+_PRECISE_ADVICE = 1000  # up to this many arrays, advise their exact bytes (else whole objects)
 
 
 class _Piece:
@@ -282,11 +283,14 @@ def _prefetch(storage: Storage, manifest: Manifest, requests: Mapping[int, Any],
     if fn is None:
         return []
     t = manifest.arrays
+    starts, objects, offsets, stored = t.starts, t.objects, t.offsets, t.stored
     if len(requests) == len(t):
         spans = {name: (0, size) for name, size in manifest.objects.items()}
-    else:
+    elif len(requests) > _PRECISE_ADVICE:  # many arrays: the whole objects that hold them
+        held = {objects[j] for i in requests for j in range(starts[i], starts[i + 1])}
+        spans = {name: (0, manifest.objects[name]) for name in held}
+    else:  # a few arrays: exactly their bytes
         spans = {}
-        starts, objects, offsets, stored = t.starts, t.objects, t.offsets, t.stored
         for i in requests:
             for j in range(starts[i], starts[i + 1]):
                 lo, hi = offsets[j], offsets[j] + stored[j]

@@ -109,3 +109,17 @@ def test_failing_advice_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pitstop.CheckpointManager(d, capture_rng=False) as mgr:
         _, tree = mgr.restore()
     assert np.array_equal(tree["small3"], _state()["small3"])
+
+
+def test_many_arrays_advise_the_whole_objects_holding_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _saved(tmp_path)
+    monkeypatch.setattr(_reader, "_PRECISE_ADVICE", 1)  # two arrays are "many" here
+    mgr, storage = _open(d)
+    with mgr:
+        target = {"big1": np.zeros(300_000), "small2": np.zeros(10)}
+        with pytest.warns(pitstop.PartialRestoreWarning):
+            mgr.restore(target, strict=False)
+    assert target["big1"][-1] == 1 and target["small2"][-1] == 11
+    sizes = _sizes(d)
+    advised = sorted((n, o, ln) for n, o, ln, _ in storage.advice)
+    assert len(advised) == 2 and all((o, ln) == (0, sizes[n]) for n, o, ln in advised)
