@@ -15,7 +15,9 @@ reads, hashing and decompression release the GIL):
   pages through the page cache.
 
 Only the segments of the requested arrays are read (a partial restore reads only what it
-needs, up to the small read-ahead that merges nearby pieces of one pack).
+needs, up to the small read-ahead that merges nearby pieces of one pack). On a local disk
+the kernel is first advised to read the requested bytes ahead (``POSIX_FADV_WILLNEED``,
+one pool task), so the disk already works while the reader builds its 20,000 buffer views.
 """
 
 from __future__ import annotations
