@@ -246,6 +246,27 @@ class LocalStorage:
             finally:
                 os.close(fd)
 
+    def prefetch_object(self, name: str, offset: int, length: int) -> None:
+        """Advise the kernel that ``length`` bytes of ``name`` at ``offset`` are read soon.
+
+        The kernel starts reading them ahead (``POSIX_FADV_WILLNEED``) while the reader
+        still prepares its buffers. Advice only: every error is ignored, the read that
+        follows reports it. Optional for backends.
+        """
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        try:
+            fd = os.open(os.path.join(self._objects, name), _READ_FLAGS)
+        except OSError:
+            return
+        try:
+            advise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
     def map_object(self, name: str) -> mmap.mmap:
         """A read-only memory map of object ``name`` (for zero-copy restores).
 

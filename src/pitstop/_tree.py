@@ -9,10 +9,17 @@ Restoring into a given state is done in two phases: :func:`plan_restore` walks t
 tree and the given state together and collects every missing, unexpected and mismatched
 entry *before anything is modified*; only a clean (or non-strict) plan is then executed:
 arrays are read in place, plain values written back, ``load_state_dict`` called.
+
+Plain values are written back into the user's own dicts and lists (that is the contract:
+``state["epoch"]`` holds the saved epoch), but never into a dict or list a ``state_dict()``
+returned: objects often return their live internals, and several may share one list
+(chained LR schedulers share ``_last_lr``). Such a container is copied, on write only, and the
+copy goes to ``load_state_dict``; arrays in it are still filled in place (zero-copy).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import sys
@@ -22,9 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._dtypes import STORABLE, dtype_from_name, dtype_name, is_storable, storage_dtype
+from ._dtypes import _NAME_BY_DTYPE, STORABLE, dtype_from_name, dtype_name, is_storable, storage_dtype
 from ._errors import Mismatch, UnsupportedStateError
-from ._manifest import ArrayEntry
+from ._manifest import ArrayEntry, ArrayTable
 
 __all__ = [
     "RestorePlan",
@@ -430,6 +437,8 @@ class _Planner:
     def __init__(self, entries: Sequence[ArrayEntry], plan: RestorePlan) -> None:
         self.entries = entries
         self.plan = plan
+        # the columns of a manifest's table, for the fast path of plain array leaves
+        self._columns = (entries.dtypes, entries.shapes) if isinstance(entries, ArrayTable) else None
 
     def _fresh(self, node: dict[str, Any], path: PathT) -> Resolver:
         for i in node_arrays(node):
@@ -437,9 +446,10 @@ class _Planner:
         self.plan.restored.append(path)
         return lambda arrays: build_tree(node, arrays)
 
-    def walk(self, node: dict[str, Any], target: Any, path: PathT) -> Resolver | None:
+    def walk(self, node: dict[str, Any], target: Any, path: PathT, borrowed: bool = False) -> Resolver | None:
         """Plan restoring ``node`` into ``target``; returns a resolver when the parent must
-        store a new value in place of ``target`` (immutables), else ``None``."""
+        store a new value in place of ``target`` (immutables, and containers that are
+        ``borrowed`` from a state dict and get copied on write), else ``None``."""
         ((kind, body),) = node.items()
         if kind == "object":
             node, ((kind, body),) = body["state"], body["state"].items()
@@ -450,7 +460,7 @@ class _Planner:
         stateful = None if isinstance(target, (Mapping, list, tuple, np.ndarray)) else as_stateful(target)
         if stateful is not None:
             sub = restore_template(stateful)
-            inner = self.walk(node, sub, path)
+            inner = self.walk(node, sub, path, borrowed=True)
             self.plan.fixups.append(lambda arrays: stateful.load_state_dict(inner(arrays) if inner else sub))
             return None
         if isinstance(target, np.ndarray):
@@ -459,7 +469,12 @@ class _Planner:
             if kind != "dict":
                 self._mismatch(path, node, target)
                 return None
-            for key in sorted(set(body) | set(target)):
+            writes: list[tuple[Any, Resolver]] = []
+            same_keys = body.keys() == target.keys()
+            keys = sorted(body) if same_keys else sorted(set(body) | set(target))
+            if same_keys and self._columns is not None:
+                keys = self._array_leaves(body, target, path, keys)
+            for key in keys:
                 child_path = (*path, key)
                 if key not in body:
                     if target[key] is not OPTIONAL:
@@ -467,10 +482,10 @@ class _Planner:
                 elif key not in target:
                     self._unexpected(body[key], child_path)
                 else:
-                    r = self.walk(body[key], target[key], child_path)
+                    r = self.walk(body[key], target[key], child_path, borrowed)
                     if r is not None:
-                        self.plan.fixups.append(_setter(target, key, r))
-            return None
+                        writes.append((key, r))
+            return self._write_back(target, writes, borrowed)
         if isinstance(target, (list, tuple)):
             if kind not in ("list", "tuple"):
                 self._mismatch(path, node, target)
@@ -483,14 +498,11 @@ class _Planner:
                 elif i >= len(target):
                     self._unexpected(body[i], child_path)
                 else:
-                    resolvers.append(self.walk(body[i], target[i], child_path))
+                    resolvers.append(self.walk(body[i], target[i], child_path, borrowed))
                     continue
                 resolvers.append(None)
             if isinstance(target, list):
-                for i, r in enumerate(resolvers):
-                    if r is not None:
-                        self.plan.fixups.append(_setter(target, i, r))
-                return None
+                return self._write_back(target, [(i, r) for i, r in enumerate(resolvers) if r is not None], borrowed)
             items = list(target)
             return lambda arrays: tuple(
                 r(arrays) if r is not None else items[i] for i, r in enumerate(resolvers[: len(items)])
@@ -499,6 +511,48 @@ class _Planner:
             f"cannot restore into {display_path(path)}: a {_object_type(target)} is neither an "
             "array, a JSON value, a dict/list, nor an object with state_dict()/load_state_dict()"
         )
+
+    def _array_leaves(self, body: dict[str, Any], target: Mapping[str, Any], path: PathT, keys: list[str]) -> list[str]:
+        """Plan the common leaf at once: a saved array restored into a writable NumPy array
+        of the same dtype and shape (a read straight into it). Returns the other keys."""
+        assert self._columns is not None
+        dtypes, shapes = self._columns
+        reads, restored = self.plan.reads, self.plan.restored
+        rest = []
+        for key in keys:
+            t = target[key]
+            if type(t) is np.ndarray:
+                i = body[key].get("array")
+                if (
+                    i is not None
+                    and dtypes[i] == _NAME_BY_DTYPE.get(t.dtype)
+                    and shapes[i] == t.shape
+                    and t.flags.writeable
+                ):
+                    reads[i] = t
+                    restored.append((*path, key))
+                    continue
+            rest.append(key)
+        return rest
+
+    def _write_back(self, target: Any, writes: list[tuple[Any, Resolver]], borrowed: bool) -> Resolver | None:
+        """Store restored values into the user's own ``target``, or, when ``target`` is
+        borrowed from a state dict, into a copy of it that replaces it in its parent."""
+        if not writes:
+            return None
+        if not borrowed:
+            self.plan.fixups.extend(_setter(target, key, r) for key, r in writes)
+            return None
+
+        def copy_on_write(arrays: Mapping[int, np.ndarray[Any, Any]]) -> Any:
+            # dict subclasses (a torch OrderedDict with _metadata) keep their type and
+            # attributes; other mappings may be read-only, so they become dicts
+            out = copy.copy(target) if isinstance(target, (dict, list)) else dict(target)
+            for key, r in writes:
+                out[key] = r(arrays)
+            return out
+
+        return copy_on_write
 
     def _scalar_or_value(self, node: dict[str, Any], target: Any, path: PathT) -> Resolver:
         ((kind, body),) = node.items()

@@ -15,7 +15,7 @@ program that imported torch), so a state can hold:
   values. A fresh optimizer whose state is still empty (``restore_or_initialize`` before
   the first step) is filled through ``Optimizer.load_state_dict``, exactly as torch does;
 - LR schedulers (``LRScheduler`` subclasses and ``ReduceLROnPlateau``; chained ones too):
-  their state dict of JSON values, handed back to ``load_state_dict``;
+  their own ``state_dict()``/``load_state_dict()``, as for any stateful object;
 - ``torch.Generator`` objects (their ``get_state()`` bytes).
 
 Design reason: the adapter converts torch objects to NumPy views and hands them to the
@@ -266,34 +266,6 @@ def _to_torch(value: Any) -> Any:
     return value
 
 
-class _SchedulerState:
-    """An LR scheduler: its state dict, with containers copied.
-
-    A scheduler's ``state_dict()`` returns its own lists, and chained schedulers share
-    them (``SequentialLR`` and its children hold one ``_last_lr`` list): the core would
-    write restored values into those aliased lists one after another. Restoring a copy
-    and handing it to ``load_state_dict`` is what torch itself expects.
-    """
-
-    def __init__(self, scheduler: Any) -> None:
-        self.scheduler = scheduler
-
-    def state_dict(self) -> Any:
-        return _copy_containers(self.scheduler.state_dict())
-
-    def load_state_dict(self, state: Any) -> None:
-        self.scheduler.load_state_dict(_copy_containers(state))
-
-
-def _copy_containers(value: Any) -> Any:
-    """``value`` with every dict and list copied (leaves shared), so writes stay local."""
-    if isinstance(value, dict):
-        return {k: _copy_containers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_containers(v) for v in value]
-    return value
-
-
 class _GeneratorState:
     """A ``torch.Generator``: its ``get_state()`` bytes."""
 
@@ -307,16 +279,6 @@ class _GeneratorState:
         self.generator.set_state(torch.from_numpy(np.ascontiguousarray(state["state"], dtype=np.uint8)))
 
 
-_SCHEDULERS: tuple[type, ...] = tuple(
-    t
-    for t in (
-        getattr(torch.optim.lr_scheduler, "LRScheduler", None),
-        getattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", None),
-    )
-    if isinstance(t, type)
-)
-
-
 def _adapter(obj: object) -> Stateful | None:
     if isinstance(obj, torch.Tensor):
         return _TensorState(obj)
@@ -326,8 +288,6 @@ def _adapter(obj: object) -> Stateful | None:
         return _OptimizerState(obj)
     if isinstance(obj, torch.Generator):
         return _GeneratorState(obj)
-    if isinstance(obj, _SCHEDULERS):
-        return _SchedulerState(obj)
     return None
 
 
