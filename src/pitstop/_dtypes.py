@@ -16,7 +16,7 @@ import numpy as np
 
 from ._errors import UnsupportedStateError
 
-__all__ = ["STORABLE", "dtype_from_name", "dtype_name", "is_storable", "storage_dtype"]
+__all__ = ["STORABLE", "dtype_from_name", "dtype_name", "is_storable", "name_of", "storage_dtype"]
 
 _NUMPY_NAMES = (
     "bool",
@@ -78,6 +78,11 @@ def is_storable(dtype: np.dtype[Any]) -> bool:
 def storage_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.generic]:
     """The little-endian dtype an array of ``dtype`` is stored as."""
     return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def name_of(dtype: np.dtype[Any]) -> str | None:
+    """The manifest name of ``dtype``, or None for a dtype pitstop does not store as it is."""
+    return _NAME_BY_DTYPE.get(dtype)
 
 
 def dtype_name(dtype: np.dtype[np.generic], where: str = "") -> str:

@@ -402,7 +402,7 @@ def _check_node(node: Any, n_arrays: int, seen: set[int], depth: int, tally: lis
         leaves = 0
         for child in children.values():
             # the common leaf, {"array": i}, checked inline (no call per array)
-            if type(child) is dict and len(child) == 1:
+            if depth < MAX_DEPTH and type(child) is dict and len(child) == 1:
                 i = child.get("array")
                 if type(i) is int and 0 <= i < n_arrays and i not in seen:
                     seen.add(i)
@@ -443,8 +443,8 @@ _SCALAR_TYPES = frozenset({int, float, bool, type(None)})
 def _census(value: Any, tally: list[int]) -> None:
     """Add the members of every JSON object in ``value`` and the colons in its strings.
 
-    JSON text has one ``:`` per object member plus those inside strings (a colon can be
-    escaped only as ``\\u003a``). So when the text holds no such escape and as many
+    JSON text has one ``:`` per object member plus those inside strings (in UTF-8 text a
+    colon can be escaped only as ``\\u003a`` or ``\\u003A``). So when the text holds no such escape and as many
     colons as the parsed value's members and string colons, no object had a duplicate
     key: a duplicate is a member the parsed dict dropped. Lists of numbers or of strings
     (the columnar tables) are counted in C-level passes.
@@ -652,15 +652,21 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         # a colon written as an escape, a count that differs -- takes the exact path: a
         # hook per object names the duplicate key, and its error takes precedence as if
         # it had been found while parsing.
-        if b"\\u003a" not in raw and b"\\u003A" not in raw:
+        try:
+            # strictly UTF-8 (format.md): json.loads would also guess UTF-16 and UTF-32, in
+            # which the colon count below would not see an escaped colon
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _InvalidError(f"the manifest is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if "\\u003a" not in text and "\\u003A" not in text:
             try:
                 tally = [0, 0]
-                manifest = _validate(_loads(raw, exact=False), step, tally)
-                if tally[0] + tally[1] == raw.count(b":"):
+                manifest = _validate(_loads(text, exact=False), step, tally)
+                if tally[0] + tally[1] == text.count(":"):
                     return manifest
             except (_InvalidError, RecursionError):
                 pass
-        return _validate(_loads(raw, exact=True), step, None)
+        return _validate(_loads(text, exact=True), step, None)
     except _InvalidError as exc:
         at = f"step {step} " if step is not None else ""
         raise CorruptCheckpointError(
@@ -671,7 +677,7 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         ) from None
 
 
-def _loads(raw: bytes, *, exact: bool) -> Any:
+def _loads(raw: str, *, exact: bool) -> Any:
     """``raw`` parsed as JSON; ``exact`` refuses duplicate keys while parsing (slower)."""
     try:
         return json.loads(

@@ -17,7 +17,7 @@ reads, hashing and decompression release the GIL):
 Only the segments of the requested arrays are read (a partial restore reads only what it
 needs, up to the small read-ahead that merges nearby pieces of one pack). On a local disk
 the kernel is first advised to read the requested bytes ahead (``POSIX_FADV_WILLNEED``,
-one pool task), so the disk already works while the reader builds its 20,000 buffer views.
+one pool task), so the disk already works while the reader prepares its buffers.
 """
 
 from __future__ import annotations
@@ -146,13 +146,20 @@ class _ObjectRead:
                         self.storage.read_object_into(self.name, p.off, buf.data)
                         raw.append((p, buf))
         digest_of, sums = xxhash.xxh3_128_hexdigest, t.checksums
+        handed = -1  # where the span bytes already handed out as writable arrays end
         for p, data in raw:
             if codecs[p.seg] != CODEC_NONE or (data is not p.dest and p.dest is not None):
                 self._finish(p, data)  # decompress, or copy into the destination
             elif digest_of(data) != sums[p.seg]:
                 self._damaged(p, "fail their checksum")
             elif p.dest is None:
-                p.got = data  # a view of the span, the mapping or a buffer of its own
+                # a view of the span, the mapping or a buffer of its own; pieces that share
+                # bytes (equal arrays are stored once) get a copy each: writing one restored
+                # array must not change another (read-only mapped views may share)
+                if mapped is None and p.off < handed:
+                    data = data.copy()
+                p.got = data
+                handed = max(handed, p.off + stored[p.seg])
 
     def _scatter(self, start: int, end: int) -> None:
         stored = self.t.stored
@@ -263,15 +270,11 @@ def _in_place(t: ArrayTable, requests: Mapping[int, np.ndarray[Any, Any] | None]
     """The requested arrays read straight into their target (no buffer of their own):
     a C-contiguous, writable target of the stored dtype and size."""
     dtypes, nbytes = t.dtypes, t.nbytes
-    dtype_of: dict[str, np.dtype[Any]] = {}
     out = set()
     for i, target in requests.items():
         if target is None:
             continue
-        name = dtypes[i]
-        dt = dtype_of.get(name)
-        if dt is None:
-            dt = dtype_of[name] = _dtype(name)
+        dt = _dtype(dtypes[i])
         flags = target.flags
         if flags.c_contiguous and flags.writeable and target.nbytes == nbytes[i] and target.dtype == dt:
             out.add(i)
@@ -440,14 +443,9 @@ def read_arrays(
     finally:
         wait(advice)  # long done by now: no task of this read outlives it
     dtypes, shapes = t.dtypes, t.shapes
-    dtype_of: dict[str, np.dtype[Any]] = {}
     for i, p in fresh:
         assert p.got is not None
-        name = dtypes[i]
-        dt = dtype_of.get(name)
-        if dt is None:
-            dt = dtype_of[name] = _dtype(name)
-        out[i] = np.ndarray(shapes[i], dt, p.got)  # a view of the bytes read (writable unless mapped)
+        out[i] = np.ndarray(shapes[i], _dtype(dtypes[i]), p.got)  # a view of the bytes read (writable unless mapped)
     for target, dest in copies:
         np.copyto(target, dest, casting="unsafe")
     return out

@@ -36,7 +36,9 @@ __all__ = [
 ]
 
 LOCK_NAME = "writer.lock"
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: a FIFO or device planted among the objects opens at once (and then reads
+# short) instead of blocking the restore; reads of regular files ignore the flag.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _MAX_IOV = 1024  # IOV_MAX on Linux
 MAX_MANIFEST_BYTES = 1 << 30
 
@@ -56,6 +58,21 @@ class MissingFileError(StorageError, FileNotFoundError):
 
 class ShortReadError(StorageError):
     """A file ends before the bytes the checkpoint refers to (the reader reports it as corrupt)."""
+
+
+def _open_object(path: str) -> int:
+    """Open an object file for reading; a FIFO, device or directory in its place is a
+    missing object (the reader reports the step as damaged), never a read that blocks."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MissingFileError(
+                f"reading {path} failed: it is not a regular file (something else is in place of the object)", path=path
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager
@@ -221,7 +238,7 @@ class LocalStorage:
         """
         path = os.path.join(self._objects, name)
         with translate_errors("reading", path):
-            fd = os.open(path, _READ_FLAGS)
+            fd = _open_object(path)
             try:
                 pending = [b for b in buffers if b.nbytes]
                 pos = offset
@@ -257,7 +274,7 @@ class LocalStorage:
         if advise is None:
             return
         try:
-            fd = os.open(os.path.join(self._objects, name), _READ_FLAGS)
+            fd = _open_object(os.path.join(self._objects, name))
         except OSError:
             return
         try:
@@ -275,7 +292,7 @@ class LocalStorage:
         """
         path = os.path.join(self._objects, name)
         with translate_errors("mapping", path):
-            fd = os.open(path, _READ_FLAGS)
+            fd = _open_object(path)
             try:
                 return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             finally:

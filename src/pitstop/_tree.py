@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._dtypes import _NAME_BY_DTYPE, STORABLE, dtype_from_name, dtype_name, is_storable, storage_dtype
+from ._dtypes import STORABLE, dtype_from_name, dtype_name, is_storable, name_of, storage_dtype
 from ._errors import Mismatch, UnsupportedStateError
 from ._manifest import ArrayEntry, ArrayTable
 
@@ -523,12 +523,7 @@ class _Planner:
             t = target[key]
             if type(t) is np.ndarray:
                 i = body[key].get("array")
-                if (
-                    i is not None
-                    and dtypes[i] == _NAME_BY_DTYPE.get(t.dtype)
-                    and shapes[i] == t.shape
-                    and t.flags.writeable
-                ):
+                if i is not None and dtypes[i] == name_of(t.dtype) and shapes[i] == t.shape and t.flags.writeable:
                     reads[i] = t
                     restored.append((*path, key))
                     continue

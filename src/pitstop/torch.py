@@ -155,6 +155,11 @@ def _storage_view_dtype(dt: np.dtype[Any]) -> np.dtype[Any]:
     return dt
 
 
+#: The state-dict key suffix of what a module returns from ``get_extra_state()`` (torch's
+#: ``_EXTRA_STATE_KEY_SUFFIX``, a private name, so spelled out here).
+_EXTRA_STATE = "_extra_state"
+
+
 class _ModuleState:
     """An ``nn.Module``: its state dict (parameters and buffers), each tensor in place."""
 
@@ -165,7 +170,11 @@ class _ModuleState:
         return dict(self.module.state_dict())
 
     def load_state_dict(self, state: Any) -> None:
-        return None  # every tensor was restored in place by its own leaf
+        # every tensor was restored in place by its own leaf; what a module keeps with
+        # get_extra_state() is handed back to its set_extra_state()
+        extra = {k: v for k, v in state.items() if k.endswith(_EXTRA_STATE)}
+        if extra:
+            self.module.load_state_dict(extra, strict=False)
 
 
 #: Optimizers whose state was empty when a restore began: their planned target state is

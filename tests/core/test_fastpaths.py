@@ -373,3 +373,17 @@ def test_zstd_samples_the_middle_of_any_small_array(tmp_path: Path, monkeypatch:
         mgr.save(1, state)
         assert_same(mgr.restore(step=1)[1], state)
     assert offered == [pitstop._writer.SAMPLE_BYTES] * 4
+
+
+def test_fresh_arrays_of_equal_bytes_do_not_share_memory(tmp_path: Path) -> None:
+    """Equal arrays are stored once; restored fresh, each is an array of its own (writing
+    zero-initialised optimizer slots must not change their twins)."""
+    state = {"m": np.zeros(100), "v": np.zeros(100), "w": np.arange(100.0)}
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False) as mgr:
+        mgr.save(1, state)
+        for tree in (mgr.restore(step=1)[1], mgr.restore({"m": None, "v": None, "w": None}, step=1)[1]):
+            assert not np.shares_memory(tree["m"], tree["v"])
+            tree["m"] += 1
+            assert not tree["v"].any()
+        mapped = mgr.restore(step=1, mmap=True)[1]  # read-only views may share
+        assert not mapped["m"].flags.writeable

@@ -116,6 +116,17 @@ def test_duplicate_with_an_escaped_colon_is_refused(tmp_path: Path) -> None:
         decode(bad)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-8-sig"])
+def test_a_body_in_another_encoding_is_refused(tmp_path: Path, encoding: str) -> None:
+    """json.loads would guess UTF-16/32 from bytes, where the colon count cannot see an
+    escaped colon: a duplicate key balanced by one would pass. The body must be UTF-8."""
+    text = saved_body(tmp_path).decode()
+    text = text.replace('"id":"r:1"', '"id":"r:1","id":"r:2","y":"\\u003a"')
+    body = text.encode(encoding)
+    with pytest.raises(pitstop.CorruptCheckpointError, match=r"not UTF-8|invalid JSON"):
+        decode(body)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5) | st.text(':ab\\"', max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(":ab", max_size=3), inner, max_size=3),

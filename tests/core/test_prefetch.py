@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,38 @@ def test_many_arrays_advise_the_whole_objects_holding_them(tmp_path: Path, monke
     sizes = _sizes(d)
     advised = sorted((n, o, ln) for n, o, ln, _ in storage.advice)
     assert len(advised) == 2 and all((o, ln) == (0, sizes[n]) for n, o, ln in advised)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_fifo_among_the_objects_does_not_hang_a_restore(tmp_path: Path, in_place: bool) -> None:
+    """A FIFO planted in place of an object (opening it for reading would block until a
+    writer appears) is a damaged step: the restore falls back to the earlier one."""
+    d = tmp_path / "c"
+    with pitstop.CheckpointManager(d, capture_rng=False, async_save=False) as mgr:
+        mgr.save(1, {"w": np.arange(3.0)})
+        before = set((d / "objects").iterdir())
+        mgr.save(2, {"w": np.arange(3.0) + 1})
+    (victim,) = set((d / "objects").iterdir()) - before
+    victim.unlink()
+    os.mkfifo(victim)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        with pitstop.CheckpointManager(d) as reader, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            target = {"w": np.zeros(3)}
+            step = reader.restore_or_initialize(target) if in_place else reader.restore()[0]
+            result["step"] = step
+            result["w"] = target["w"] if in_place else reader.restore(step=step)[1]["w"]
+            result["warnings"] = [str(w.message) for w in seen]
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():  # unblock the reader so that the process can exit, then fail
+        os.close(os.open(victim, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(30)
+        pytest.fail("restore() blocked on a FIFO among the objects")
+    assert result["step"] == 1
+    assert np.array_equal(result["w"], np.arange(3.0))
+    assert any("skipping checkpoint step 2" in w for w in result["warnings"]), result["warnings"]

@@ -106,6 +106,34 @@ def test_module_restores_parameters_and_buffers_in_place(tmp_path: Path) -> None
     assert set(tree["model"]) == set(model.state_dict())
 
 
+class WithExtraState(nn.Module):
+    """A module keeping plain state of its own through get_extra_state()."""
+
+    def __init__(self, extra: Any) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.extra = extra
+
+    def get_extra_state(self) -> Any:
+        return self.extra  # the live object, as such modules usually do
+
+    def set_extra_state(self, state: Any) -> None:
+        self.extra = state
+
+
+@pytest.mark.parametrize("saved", [{"k": 5, "hist": [5, 6]}, 7])
+def test_module_extra_state_is_handed_to_set_extra_state(tmp_path: Path, saved: Any) -> None:
+    src = WithExtraState(copy.deepcopy(saved))
+    pitstop.save(tmp_path / "c", {"m": src})
+    live = {"k": 0, "hist": [0, 0]} if isinstance(saved, dict) else 0
+    dst = WithExtraState(live)
+    pitstop.restore(tmp_path / "c", {"m": dst})
+    assert dst.extra == saved
+    assert torch.equal(dst.lin.weight, src.lin.weight)
+    if isinstance(saved, dict):
+        assert live == {"k": 0, "hist": [0, 0]}  # the module's old object was not written into
+
+
 @pytest.mark.parametrize("opt_name", ["adam", "sgd_momentum", "adamw"])
 def test_optimizer_restored_into_a_fresh_optimizer_continues_identically(tmp_path: Path, opt_name: str) -> None:
     def make(model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
