@@ -972,7 +972,7 @@ class CheckpointManager:
             restore_rng(build_tree(rng_node, arrays), where)
         self.last_restore_report = RestoreReport(
             step,
-            restored=["<all>"] if plan.ok else [display_path(p) for p in plan.restored],
+            restored=["<all>"] if plan.ok else [display_path(p) for p in sorted(plan.restored, key=_path_order)],
             missing=[str(x) for x in plan.missing],
             unexpected=[str(x) for x in plan.unexpected],
             mismatched=[str(x) for x in plan.mismatched],
@@ -1068,6 +1068,11 @@ def _compression_option(name: str | None, level: int) -> Compression | None:
     except ImportError:
         raise ValueError("compression='zstd' needs the zstandard package: pip install 'pitstop[zstd]'") from None
     return Compression(level=level)
+
+
+def _path_order(path: tuple[Any, ...]) -> list[tuple[int, Any]]:
+    """Sort key of a state path: tree order (list indices by number, dict keys by name)."""
+    return [(0, k) if type(k) is int else (1, str(k)) for k in path]
 
 
 def _describer(m: Manifest) -> Callable[[int], str]:

@@ -317,3 +317,15 @@ def test_oneoff_refuses_overwrite(tmp_path: Path) -> None:
     pitstop.save(tmp_path / "c", {"a": 1})
     with pytest.raises(pitstop.CheckpointExistsError):
         pitstop.save(tmp_path / "c", {"a": 2})
+
+
+def test_partial_restore_report_lists_paths_in_tree_order(tmp_path: Path) -> None:
+    saved = {"b": np.ones(2), "a": {"w": 1, "x": np.zeros(3)}, "c": [np.ones(1)] * 11}
+    with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False) as mgr:
+        mgr.save(1, saved)
+        target = {"b": np.zeros(2), "a": {"w": 0, "x": np.ones(3)}, "c": [np.zeros(1)] * 11, "new": np.zeros(1)}
+        with pytest.warns(pitstop.PartialRestoreWarning):
+            mgr.restore(target, strict=False)
+        report = mgr.last_restore_report
+    assert report is not None and report.missing[0].startswith("new:")
+    assert report.restored == ["a/w", "a/x", "b", *[f"c/{i}" for i in range(11)]]
