@@ -267,7 +267,8 @@ class CheckpointManager:
         self._capture_rng = bool(capture_rng)
         self._storage: Storage = open_storage(os.fspath(directory), storage_options)
         self.directory = self._storage.location
-        self._pool = ThreadPoolExecutor(io_threads or _default_threads(), thread_name_prefix="pitstop-io")
+        self._io_threads = io_threads or _default_threads()
+        self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="pitstop-io")
         self._writer = BackgroundWriter() if async_save else None
         self._cache: dict[int, Manifest] = {}
         self._cache_lock = threading.Lock()
@@ -656,6 +657,7 @@ class CheckpointManager:
                     metadata=metadata,
                     index=index,
                     compression=codec,
+                    threads=self._io_threads,
                 )
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None

@@ -1,7 +1,8 @@
 """Writing one checkpoint: hash, deduplicate, pack or chunk, compress, write in parallel, commit.
 
 Array bytes are cut into *pieces*: an array of at most ``SMALL_BYTES`` is one piece, a
-larger one is cut into ``CHUNK_BYTES`` chunks (parallel IO, partial reads). Each piece is
+larger one is cut into ``CHUNK_BYTES`` chunks, or finer when a save would otherwise give
+some IO threads nothing to write (parallel IO, partial reads). Each piece is
 hashed with xxh3-128; a piece whose bytes an earlier retained checkpoint (or this one)
 already stored is referenced, not written again — frozen layers and unchanged embeddings
 cost a hash. New large pieces become one object each, named by the checksum of their
@@ -212,6 +213,22 @@ def _chunk_task(storage: Storage, digest: str, view: memoryview, opt: Compressio
     return Segment(name, 0, view.nbytes, digest, len(frame), CODEC_ZSTD)
 
 
+#: A save with fewer large pieces than IO threads cuts its large arrays finer, halving the
+#: chunk size down to this, so that every thread writes (4 x 16 MiB: 8 chunks of 8 MiB).
+#: The size depends only on the large arrays' sizes and the thread count, so the chunks
+#: of an unchanged array stay the same from save to save (deduplicated).
+MIN_SPLIT_BYTES = 4 << 20
+
+
+def _chunk_bytes(nbytes: list[int], threads: int) -> int:
+    """The chunk size for a save of arrays of ``nbytes`` on ``threads`` IO threads."""
+    chunk = CHUNK_BYTES
+    large = [n for n in nbytes if n > SMALL_BYTES]
+    while chunk // 2 >= max(MIN_SPLIT_BYTES, SMALL_BYTES) and sum(-(-n // chunk) for n in large) < threads:
+        chunk //= 2
+    return chunk
+
+
 #: Small pieces are hashed and deduplicated in batches of about this many bytes: whole-batch
 #: list operations instead of Python work per array, and the first packs are on their way
 #: to the disk while later batches are still hashed.
@@ -290,11 +307,18 @@ class _Rows:
     """
 
     def __init__(
-        self, storage: Storage, pool: Executor, flat: FlatState, index: DedupIndex, compression: Compression | None
+        self,
+        storage: Storage,
+        pool: Executor,
+        flat: FlatState,
+        index: DedupIndex,
+        compression: Compression | None,
+        threads: int,
     ) -> None:
         self.storage, self.pool, self.index, self.compression = storage, pool, index, compression
         self.nbytes = [a.nbytes for a in flat.arrays]
-        self.pieces, self.sizes, self.starts = _rows(flat.arrays, self.nbytes, SMALL_BYTES, CHUNK_BYTES)
+        chunk = _chunk_bytes(self.nbytes, threads)
+        self.pieces, self.sizes, self.starts = _rows(flat.arrays, self.nbytes, SMALL_BYTES, chunk)
         n = len(self.pieces)
         self.obj: list[Any] = [None] * n
         self.off = [0] * n
@@ -470,8 +494,12 @@ def write_checkpoint(
     metadata: Mapping[str, Any],
     index: DedupIndex,
     compression: Compression | None = None,
+    threads: int = 1,
 ) -> tuple[Manifest, SaveStats]:
     """Write ``flat`` as checkpoint ``step`` and commit it (see module docstring).
+
+    ``threads``: how many tasks ``pool`` runs at once (large arrays are cut finer when
+    there would be fewer large pieces than that).
 
     Returns:
         The committed manifest and what the save cost.
@@ -483,7 +511,7 @@ def write_checkpoint(
     """
     t0 = time.perf_counter()
     stats = SaveStats()
-    rows = _Rows(storage, pool, flat, index, compression)
+    rows = _Rows(storage, pool, flat, index, compression, threads)
     arrays = flat.arrays
     pre: dict[str, str] = {}
     dtypes: list[str] = []

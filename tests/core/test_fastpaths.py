@@ -387,3 +387,26 @@ def test_fresh_arrays_of_equal_bytes_do_not_share_memory(tmp_path: Path) -> None
             assert not tree["v"].any()
         mapped = mgr.restore(step=1, mmap=True)[1]  # read-only views may share
         assert not mapped["m"].flags.writeable
+
+
+def test_few_large_arrays_are_cut_for_every_io_thread(tmp_path: Path) -> None:
+    """4 x 16 MiB on 8 IO threads: 8 MiB chunks (8 parallel writes), cut the same way in the
+    next save, so an unchanged array is deduplicated; restores are unchanged."""
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal(2 << 20) for i in range(4)}  # 16 MiB each
+    with pitstop.CheckpointManager(
+        tmp_path / "c", async_save=False, capture_rng=False, max_to_keep=None, io_threads=8
+    ) as mgr:
+        mgr.save(1, state)
+        m = mgr.manifest(1)
+        assert {s.length for e in m.arrays for s in e.segments} == {8 << 20}
+        assert mgr.last_save_stats is not None and mgr.last_save_stats.objects_written == 8
+        state["w0"] = state["w0"] + 1
+        mgr.save(2, state)
+        assert mgr.last_save_stats is not None and mgr.last_save_stats.bytes_written == 16 << 20
+        target = zeros_like(state)
+        mgr.restore(target, step=2)
+        assert_same(target, state)
+    with pitstop.CheckpointManager(tmp_path / "d", async_save=False, capture_rng=False, io_threads=2) as mgr:
+        mgr.save(1, state)  # enough chunks for 2 threads already: 64 MiB chunks, one per array
+        assert {s.length for e in mgr.manifest(1).arrays for s in e.segments} == {16 << 20}
