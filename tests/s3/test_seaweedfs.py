@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop import _fsspec_storage, _lease
+from pitstop import _fsspec_storage, _lease, _writer
 from pitstop._fsspec_storage import FsspecStorage
 from pitstop._manager import CorruptCheckpointWarning
 
@@ -83,6 +83,7 @@ def test_large_objects_go_up_as_parallel_multipart(
 ) -> None:
     monkeypatch.setattr(_fsspec_storage, "MULTIPART_THRESHOLD", 10 << 20)
     monkeypatch.setattr(_fsspec_storage, "PART_BYTES", 5 << 20)  # the S3 minimum part size
+    monkeypatch.setattr(_writer, "MIN_SPLIT_BYTES", 64 << 20)  # keep the 12 MiB array one object
     with pitstop.CheckpointManager(s3_url, storage_options=s3_options, async_save=False) as mgr:
         calls = _spy_calls(mgr, monkeypatch)
         big = np.random.default_rng(0).standard_normal(3 << 20).astype(np.float32)  # 12 MiB
