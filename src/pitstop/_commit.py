@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "Buffer",
     "MANIFEST_DIR",
+    "MAX_IOV",
     "OBJECT_DIR",
     "TMP_PREFIX",
     "as_buffers",
@@ -52,7 +53,7 @@ def _iov_max() -> int:
         return 16
 
 
-_MAX_IOV = _iov_max()  # buffers per writev: 1024 on Linux
+MAX_IOV = _iov_max()  # buffers per writev/preadv call: 1024 on Linux
 _NBYTES = operator.attrgetter("nbytes")
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
@@ -93,7 +94,7 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     pending = [b for b in buffers if b.nbytes]
     want = sum(map(_NBYTES, pending))
     while pending:
-        batch = pending[:_MAX_IOV]
+        batch = pending[:MAX_IOV]
         n = os.writev(fd, as_buffers(batch))
         total += n
         if n == sum(map(_NBYTES, batch)):  # the common case: the whole batch

@@ -444,9 +444,9 @@ def _census(value: Any, tally: list[int]) -> None:
     """Add the members of every JSON object in ``value`` and the colons in its strings.
 
     JSON text has one ``:`` per object member plus those inside strings (in UTF-8 text a
-    colon can be escaped only as ``\\u003a`` or ``\\u003A``). So when the text holds no such escape and as many
-    colons as the parsed value's members and string colons, no object had a duplicate
-    key: a duplicate is a member the parsed dict dropped. Lists of numbers or of strings
+    colon can be escaped only as ``\\u003a`` or ``\\u003A``). So when the text holds no
+    such escape and as many colons as the parsed value's members and string colons, no
+    object had a duplicate key: a duplicate is a member the parsed dict dropped. Lists of numbers or of strings
     (the columnar tables) are counted in C-level passes.
     """
     t = type(value)
@@ -688,7 +688,7 @@ def _loads(raw: str, *, exact: bool) -> Any:
         )
     except RecursionError:
         raise _InvalidError("the manifest is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise _InvalidError(f"invalid JSON: {exc}") from None
 
 

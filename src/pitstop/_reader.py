@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ._commit import byte_view
 from ._dtypes import dtype_from_name
 from ._errors import CorruptCheckpointError
 from ._manifest import CODEC_NONE, ArrayTable, Manifest, checksum
@@ -40,7 +41,6 @@ __all__ = ["read_arrays", "verify_manifest"]
 
 _COALESCE_LIMIT = 256 << 20  # read a packed object's span at once up to this size
 _GAP_LIMIT = 1 << 20  # ... and only if it reads at most this much (or 2x) unwanted data
-_MAX_IOV = 1024
 _PREFETCH_LIMIT = 256 << 20  # advise at most this much ahead: more could evict itself
 _PRECISE_ADVICE = 1000  # up to this many arrays, advise their exact bytes (else whole objects)
 
@@ -66,14 +66,6 @@ def _dtype(name: str) -> np.dtype[Any]:
     dt = dtype_from_name(name)
     assert dt is not None  # manifests are validated on read
     return dt
-
-
-def _bytes_of(a: np.ndarray[Any, Any]) -> memoryview:
-    """The bytes of C-contiguous ``a`` as a flat writable ``B`` memoryview (no copy)."""
-    try:
-        return memoryview(a).cast("B")  # type: ignore[arg-type]
-    except (TypeError, ValueError, BufferError):  # ML dtypes export no typed buffer
-        return a.reshape(-1).view(np.uint8).data
 
 
 def _decompress(frame: Any, length: int) -> bytes:
@@ -341,9 +333,7 @@ def _check_objects(
     needed: dict[str, int] = {}
     for i in requests:
         lo, hi = starts[i], starts[i + 1]
-        if i in in_place and (
-            codecs[lo] == CODEC_NONE if hi - lo == 1 else all(codecs[j] == CODEC_NONE for j in range(lo, hi))
-        ):
+        if i in in_place and codecs[lo:hi].count(CODEC_NONE) == hi - lo:
             continue
         for j in range(lo, hi):
             end = t.offsets[j] + t.stored[j]
@@ -389,7 +379,7 @@ def _pieces(
             assert target is not None
             out[i] = dest = target
             if last - first == 1:  # the common case: one piece, the whole target
-                by_object[objects[first]].append(_Piece(first, offsets[first], _bytes_of(dest), i))
+                by_object[objects[first]].append(_Piece(first, offsets[first], byte_view(dest), i))
                 continue
         else:
             dest = np.empty(t.shapes[i], dtype=_dtype(t.dtypes[i]))
@@ -398,7 +388,7 @@ def _pieces(
             out[i] = target if target is not None else dest
         if first == last:
             continue
-        view = _bytes_of(dest)
+        view = byte_view(dest)
         pos = 0
         for j in range(first, last):
             n = lengths[j]

@@ -39,7 +39,6 @@ LOCK_NAME = "writer.lock"
 # O_NONBLOCK: a FIFO or device planted among the objects opens at once (and then reads
 # short) instead of blocking the restore; reads of regular files ignore the flag.
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_MAX_IOV = 1024  # IOV_MAX on Linux
 MAX_MANIFEST_BYTES = 1 << 30
 
 _HINTS = {
@@ -243,7 +242,7 @@ class LocalStorage:
                 pending = [b for b in buffers if b.nbytes]
                 pos = offset
                 while pending:
-                    batch = pending[:_MAX_IOV]
+                    batch = pending[: _commit.MAX_IOV]
                     n = os.preadv(fd, batch, pos)
                     if n == 0:
                         raise ShortReadError(
