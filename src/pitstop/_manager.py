@@ -10,6 +10,7 @@ same directory need no lock and see only committed checkpoints.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import signal
 import threading
@@ -86,6 +87,10 @@ class GcReport:
 
 MAX_STEP = 2**63 - 1
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
+
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _default_threads() -> int:
@@ -275,6 +280,7 @@ class CheckpointManager:
         self._lock: WriterLock | None = None
         self._index: DedupIndex | None = None
         self._buffers: list[np.ndarray[Any, Any] | None] = []
+        self._buffers_full = False
         self._closed = False
         self.last_save_stats: SaveStats | None = None
         self.last_save_blocked = False
@@ -492,7 +498,7 @@ class CheckpointManager:
             copied = (a.nbytes for i, a in enumerate(flat.arrays) if i not in flat.fresh)
             if background and bound is not None and sum(copied) > bound:
                 background = False  # block instead of allocating past the bound
-                self._buffers = []  # and hold no snapshot memory meanwhile
+                self._buffers, self._buffers_full = [], False  # and hold no snapshot memory meanwhile
             if background:
                 flat = self._snapshot(flat)
         self.last_save_blocked = not background
@@ -619,9 +625,19 @@ class CheckpointManager:
         ``_tree.fresh_arrays``) are the snapshot already: they are kept, not copied again,
         and never become reusable buffers (the next save must not write into them).
         """
+        arrays, fresh, reuse = flat.arrays, flat.fresh, self._buffers
+        if (
+            not fresh
+            and self._buffers_full
+            and len(reuse) == len(arrays)
+            and list(map(_SHAPE, reuse)) == list(map(_SHAPE, arrays))
+            and list(map(_DTYPE, reuse)) == list(map(_DTYPE, arrays))
+        ):  # the steady state of a training loop: the same arrays again, one plain copy each
+            for buf, a in zip(reuse, arrays, strict=True):
+                buf[...] = a  # type: ignore[index]
+            return FlatState(flat.tree, flat.rng, list(reuse), flat.paths)  # type: ignore[arg-type]
         out = []
         buffers: list[np.ndarray[Any, Any] | None] = []
-        fresh = flat.fresh
         for i, a in enumerate(flat.arrays):
             buf = self._buffers[i] if i < len(self._buffers) else None
             if i in fresh:
@@ -634,6 +650,7 @@ class CheckpointManager:
             out.append(buf)
             buffers.append(buf)
         self._buffers = buffers
+        self._buffers_full = not fresh  # every slot holds a buffer (a fresh slot may hold None)
         return FlatState(flat.tree, flat.rng, out, flat.paths)
 
     def _write(

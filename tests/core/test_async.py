@@ -51,6 +51,36 @@ def test_snapshot_buffers_are_reused_between_saves(ckdir: Path) -> None:
         assert mgr.restore(step=2)[1]["w"].sum() == 1000
 
 
+def test_reused_snapshot_buffers_follow_layout_changes(ckdir: Path) -> None:
+    """Buffers are reused only for the same shapes and dtypes, in the same order: a reshaped,
+    recast, reordered or extra array gets its own buffer, never a broadcast or cast copy."""
+    saves: list[dict[str, Any]] = [
+        {"a": np.arange(6.0), "b": np.ones(4, np.float32)},
+        {"a": np.arange(6.0) + 10, "b": np.full(4, 2, np.float32)},  # same layout: reused
+        {"a": np.arange(6.0).reshape(2, 3), "b": np.full(4, 3, np.float32)},  # reshaped
+        {"a": np.arange(6, dtype=np.float32), "b": np.full(4, 4, np.float32)},  # recast
+        {"a": np.full(1, 7.0), "b": np.full(4, 5, np.float32)},  # would broadcast into (6,)
+        {"a": np.full(1, 7.0), "b": np.full(4, 6, np.float32), "c": np.arange(3)},  # one more
+        {"a": np.full(4, 8, np.float32), "b": np.full(1, 9.0)},  # swapped layouts
+    ]
+    with CheckpointManager(ckdir, max_to_keep=None) as mgr:
+        for step, state in enumerate(saves):
+            mgr.save(step, state)
+            before = [b.copy() for b in mgr._buffers if b is not None]
+            for a in state.values():
+                a[...] = -1  # training moves on while the save is written
+            mgr.wait_until_finished()
+            assert [b.tolist() for b in mgr._buffers if b is not None] == [b.tolist() for b in before]
+        for step, state in enumerate(saves):
+            got = mgr.restore(step=step)[1]
+            assert sorted(got) == sorted(state)
+            for key, want in saves[step].items():
+                assert got[key].shape == want.shape and got[key].dtype == want.dtype, (step, key)
+        assert mgr.restore(step=1)[1]["a"].tolist() == [10, 11, 12, 13, 14, 15]
+        assert mgr.restore(step=4)[1]["a"].tolist() == [7.0]
+        assert mgr.restore(step=6)[1]["b"].tolist() == [9.0]
+
+
 def test_background_failure_surfaces_on_next_call(ckdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pitstop import _commit
 
