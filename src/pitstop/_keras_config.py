@@ -25,7 +25,7 @@ import keras
 from keras.src.saving.serialization_lib import SafeModeScope
 
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from ._manager import CheckpointManager, CorruptCheckpointWarning, _describer, _mismatch_message
+from ._manager import CheckpointManager, CorruptCheckpointWarning, describer, mismatch_message
 from ._manifest import Manifest, manifest_name
 from ._reader import read_arrays
 from ._tree import PathT, display_path, plan_restore, rename_hints, run_restore_hooks, walk_nodes
@@ -241,7 +241,7 @@ def _load_from(mgr: CheckpointManager, step: int, key: str | None) -> Any:
             "", path=mgr.directory, step=step, missing=plan.missing, unexpected=plan.unexpected,
             mismatched=plan.mismatched, hints=rename_hints(plan.missing, plan.unexpected),
         )  # fmt: skip
-        err.message = _mismatch_message(mgr.directory, step, err).replace(
+        err.message = mismatch_message(mgr.directory, step, err).replace(
             "Rebuild the model exactly as it was saved, or pass strict=False to restore the entries "
             "that match and keep the rest as they are.",
             "The model rebuilt from the saved config has other variables than the ones saved (a "
@@ -249,7 +249,7 @@ def _load_from(mgr: CheckpointManager, step: int, key: str | None) -> Any:
         )
         err.args = (err.message,)
         raise err
-    arrays = read_arrays(mgr._storage, m, dict(plan.reads), mgr._pool, _describer(m), where)
+    arrays = read_arrays(mgr._storage, m, dict(plan.reads), mgr._pool, describer(m), where)
     plan.execute(arrays)
     return model
 

@@ -124,7 +124,7 @@ def _clean_metadata(metadata: Any) -> dict[str, Any]:
         raise UnsupportedStateError(f"metadata must be plain JSON (no NaN): {exc}") from None
 
 
-def _mismatch_message(where: str, step: int, err: StateMismatchError) -> str:
+def mismatch_message(where: str, step: int, err: StateMismatchError) -> str:
     lines = [
         f"checkpoint step {step} at {where} does not match the state it is restored into: "
         f"{len(err.missing)} missing, {len(err.unexpected)} unexpected, {len(err.mismatched)} mismatched"
@@ -936,7 +936,7 @@ class CheckpointManager:
     def _restore_step_unpaused(self, step: int, state: Any, strict: bool, mmap: bool) -> Any:
         m = self._manifest(step)
         where = f"{self.directory}/manifests/{manifest_name(step)}"
-        describe = _describer(m)
+        describe = describer(m)
         tree, rng_node, view = m.tree, m.rng, None
         if _dist.is_multi_worker(m):
             view = _dist.rank_view(m, self._rank, self._world)
@@ -972,7 +972,7 @@ class CheckpointManager:
                 "", path=self.directory, step=step, missing=plan.missing, unexpected=plan.unexpected,
                 mismatched=plan.mismatched, hints=rename_hints(plan.missing, plan.unexpected),
             )  # fmt: skip
-            err.message = _mismatch_message(self.directory, step, err)
+            err.message = mismatch_message(self.directory, step, err)
             err.args = (err.message,)
             if strict:
                 raise err
@@ -1028,7 +1028,7 @@ class CheckpointManager:
                 problems.append(f"step {s}: {exc}")
                 continue
             where = f"{self.directory}/manifests/{manifest_name(s)}"
-            found = verify_manifest(self._storage, m, self._pool, _describer(m), where)
+            found = verify_manifest(self._storage, m, self._pool, describer(m), where)
             if found and not self._storage_has(s):  # deleted by its writer's retention meanwhile
                 if step is None:
                     continue
@@ -1094,7 +1094,7 @@ def _path_order(path: tuple[Any, ...]) -> list[tuple[int, Any]]:
     return [(0, k) if type(k) is int else (1, str(k)) for k in path]
 
 
-def _describer(m: Manifest) -> Callable[[int], str]:
+def describer(m: Manifest) -> Callable[[int], str]:
     """Array index -> "array <path>", for messages; the paths are computed on first use."""
     paths: dict[int, str] = {}
 
