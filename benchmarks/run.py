@@ -5,7 +5,7 @@ Each workload times pitstop and its baseline (the raw disk, a memory copy, or an
 checkpoint library) in the same process on the same machine, and reports medians and the
 ratio against the target of DESIGN.md section 9 / issue 5. Run from the repository root::
 
-    .venv/bin/python benchmarks/run.py                      # full run (~10 min on 2 cores)
+    .venv/bin/python benchmarks/run.py                      # full run (~11-14 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick              # smoke run, small sizes
     .venv/bin/python benchmarks/run.py --only big,small --no-anchors
     .venv/bin/python benchmarks/run.py --markdown /tmp/bench.md
