@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _distributed as _dist
-from ._async import BackgroundWriter
+from ._async import PARALLEL_COPY_BYTES, BackgroundWriter, copy_arrays
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -274,6 +274,8 @@ class CheckpointManager:
         self.directory = self._storage.location
         self._io_threads = io_threads or _default_threads()
         self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="pitstop-io")
+        # the async snapshot's copy threads: memory bandwidth, not IO, so at most one a core
+        self._copy_threads = max(1, min(self._io_threads, os.cpu_count() or 1, 8))
         self._writer = BackgroundWriter() if async_save else None
         self._cache: dict[int, Manifest] = {}
         self._cache_lock = threading.Lock()
@@ -633,11 +635,17 @@ class CheckpointManager:
             and list(map(_SHAPE, reuse)) == list(map(_SHAPE, arrays))
             and list(map(_DTYPE, reuse)) == list(map(_DTYPE, arrays))
         ):  # the steady state of a training loop: the same arrays again, one plain copy each
+            large = []
             for buf, a in zip(reuse, arrays, strict=True):
-                buf[...] = a  # type: ignore[index]
+                if a.nbytes >= PARALLEL_COPY_BYTES:
+                    large.append((buf, a))
+                else:
+                    buf[...] = a  # type: ignore[index]
+            copy_arrays(large, self._pool, self._copy_threads)  # type: ignore[arg-type]
             return FlatState(flat.tree, flat.rng, list(reuse), flat.paths)  # type: ignore[arg-type]
         out = []
         buffers: list[np.ndarray[Any, Any] | None] = []
+        pairs = []
         for i, a in enumerate(flat.arrays):
             buf = self._buffers[i] if i < len(self._buffers) else None
             if i in fresh:
@@ -645,10 +653,14 @@ class CheckpointManager:
                 buffers.append(buf)  # kept for a later save that copies this slot
                 continue
             if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
-                buf = np.empty_like(a)
-            np.copyto(buf, a)
+                buf = np.empty_like(a)  # first touched by the copy, on the copying threads
+            if a.nbytes >= PARALLEL_COPY_BYTES:
+                pairs.append((buf, a))
+            else:
+                buf[...] = a
             out.append(buf)
             buffers.append(buf)
+        copy_arrays(pairs, self._pool, self._copy_threads)
         self._buffers = buffers
         self._buffers_full = not fresh  # every slot holds a buffer (a fresh slot may hold None)
         return FlatState(flat.tree, flat.rng, out, flat.paths)
