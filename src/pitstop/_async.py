@@ -66,8 +66,11 @@ def copy_arrays(pairs: Sequence[_Pair], pool: Executor, threads: int) -> None:
         k = loads.index(min(loads))  # the largest piece first, to the least loaded share
         shares[k].append(piece)
         loads[k] += piece[1].nbytes
-    futures = [pool.submit(_copy, share) for share in shares[1:] if share]
+    futures = []
     try:
+        for share in shares[1:]:
+            if share:
+                futures.append(pool.submit(_copy, share))
         _copy(shares[0])
     finally:
         wait(futures)

@@ -93,8 +93,16 @@ _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _default_threads() -> int:
-    return max(4, min(16, 4 * (os.cpu_count() or 1)))
+    return max(4, min(16, 4 * _cpus()))
 
 
 def _clean_metrics(metrics: Any) -> dict[str, float]:
@@ -275,7 +283,7 @@ class CheckpointManager:
         self._io_threads = io_threads or _default_threads()
         self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="pitstop-io")
         # the async snapshot's copy threads: memory bandwidth, not IO, so at most one a core
-        self._copy_threads = max(1, min(self._io_threads, os.cpu_count() or 1, 8))
+        self._copy_threads = max(1, min(self._io_threads, _cpus(), 8))
         self._writer = BackgroundWriter() if async_save else None
         self._cache: dict[int, Manifest] = {}
         self._cache_lock = threading.Lock()
@@ -627,6 +635,14 @@ class CheckpointManager:
         ``_tree.fresh_arrays``) are the snapshot already: they are kept, not copied again,
         and never become reusable buffers (the next save must not write into them).
         """
+        try:
+            return self._copy_state(flat)
+        except BaseException:
+            # an interrupted copy may leave threads writing into these buffers: never reuse them
+            self._buffers, self._buffers_full = [], False
+            raise
+
+    def _copy_state(self, flat: FlatState) -> FlatState:
         arrays, fresh, reuse = flat.arrays, flat.fresh, self._buffers
         if (
             not fresh
@@ -646,14 +662,17 @@ class CheckpointManager:
         out = []
         buffers: list[np.ndarray[Any, Any] | None] = []
         pairs = []
-        for i, a in enumerate(flat.arrays):
-            buf = self._buffers[i] if i < len(self._buffers) else None
+        for i, a in enumerate(arrays):
+            buf = reuse[i] if i < len(reuse) else None
             if i in fresh:
                 out.append(a)
                 buffers.append(buf)  # kept for a later save that copies this slot
                 continue
             if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
-                buf = np.empty_like(a)  # first touched by the copy, on the copying threads
+                # a plain ndarray whatever ``a`` is (buf[...] = a then copies the raw data, as
+                # np.copyto does: a subclass's __setitem__, e.g. a hard-masked array's, would
+                # skip elements); first touched by the copy, on the copying threads
+                buf = np.empty_like(a, subok=False)
             if a.nbytes >= PARALLEL_COPY_BYTES:
                 pairs.append((buf, a))
             else:

@@ -58,10 +58,11 @@ def test_reused_snapshot_buffers_follow_layout_changes(ckdir: Path) -> None:
         {"a": np.arange(6.0), "b": np.ones(4, np.float32)},
         {"a": np.arange(6.0) + 10, "b": np.full(4, 2, np.float32)},  # same layout: reused
         {"a": np.arange(6.0).reshape(2, 3), "b": np.full(4, 3, np.float32)},  # reshaped
-        {"a": np.arange(6, dtype=np.float32), "b": np.full(4, 4, np.float32)},  # recast
-        {"a": np.full(1, 7.0), "b": np.full(4, 5, np.float32)},  # would broadcast into (6,)
-        {"a": np.full(1, 7.0), "b": np.full(4, 6, np.float32), "c": np.arange(3)},  # one more
-        {"a": np.full(4, 8, np.float32), "b": np.full(1, 9.0)},  # swapped layouts
+        {"a": np.arange(6.0).reshape(2, 3), "b": np.full(4, 4, np.float64)},  # only a dtype changed
+        {"a": np.full(1, 7.0), "b": np.full(4, 5, np.float64)},  # would broadcast into (2, 3)
+        {"a": np.full(1, 7.0), "b": np.full(1, 6, np.float64)},  # only a shape, (4,) -> (1,)
+        {"a": np.full(1, 7.0), "b": np.full(1, 6, np.float64), "c": np.arange(3)},  # one more
+        {"a": np.full(1, 8, np.float64), "b": np.full(1, 9, np.float32), "c": np.arange(3)},  # b recast
     ]
     with CheckpointManager(ckdir, max_to_keep=None) as mgr:
         for step, state in enumerate(saves):
@@ -77,8 +78,23 @@ def test_reused_snapshot_buffers_follow_layout_changes(ckdir: Path) -> None:
             for key, want in saves[step].items():
                 assert got[key].shape == want.shape and got[key].dtype == want.dtype, (step, key)
         assert mgr.restore(step=1)[1]["a"].tolist() == [10, 11, 12, 13, 14, 15]
+        assert mgr.restore(step=3)[1]["b"].tolist() == [4.0] * 4
         assert mgr.restore(step=4)[1]["a"].tolist() == [7.0]
-        assert mgr.restore(step=6)[1]["b"].tolist() == [9.0]
+        assert mgr.restore(step=5)[1]["b"].tolist() == [6.0]
+        assert mgr.restore(step=7)[1]["b"].tolist() == [9.0]
+
+
+def test_async_snapshot_copies_the_raw_data_of_array_subclasses(ckdir: Path) -> None:
+    """A subclass's own assignment rules (a hard mask skips masked elements) never decide
+    what the snapshot holds: async saves store the same bytes as a synchronous save."""
+    masked = np.ma.masked_array(np.arange(4.0) + 1, mask=[0, 1, 0, 0], hard_mask=True)
+    with CheckpointManager(ckdir, max_to_keep=None) as mgr:
+        mgr.save(0, {"m": masked})  # fresh buffers
+        mgr.wait_until_finished()
+        mgr.save(1, {"m": masked})  # reused buffers
+        mgr.wait_until_finished()
+        for step in (0, 1):
+            assert mgr.restore(step=step)[1]["m"].tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_background_failure_surfaces_on_next_call(ckdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

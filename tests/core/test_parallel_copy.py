@@ -43,7 +43,9 @@ def _sources() -> list[np.ndarray[Any, Any]]:
 def test_copy_arrays_copies_every_byte(pool: Any, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_async, "COPY_PIECE_BYTES", 4096)  # cut the large arrays into many pieces
     sources = _sources()
-    dests = [np.full_like(s, 0) for s in sources]
+    dests = [np.empty_like(s) for s in sources]  # the sources' layouts (F-order stays F-order)
+    for d in dests:  # 0xA5 in every byte: a byte the copy missed never equals its source by luck
+        d[...] = np.frombuffer(np.full(d.nbytes, 0xA5, np.uint8).tobytes(), d.dtype).reshape(d.shape)
     copy_arrays(list(zip(dests, sources, strict=True)), pool, threads)
     for d, s in zip(dests, sources, strict=True):
         assert d.dtype == s.dtype and d.shape == s.shape
@@ -105,3 +107,28 @@ def test_async_snapshot_of_large_arrays_is_exact(tmp_path: Path, monkeypatch: py
             for k, v in want.items():
                 assert got[k].dtype == v.dtype and got[k].shape == v.shape
                 assert got[k].tobytes() == np.ascontiguousarray(v).tobytes(), (step, k)
+
+
+def test_an_interrupted_snapshot_never_reuses_its_buffers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the copy: the save fails, and its buffers (which a copy thread may still
+    be writing) are dropped; the next save allocates new ones and stores the right bytes."""
+    state = {"w": np.arange(1 << 19, dtype=np.float32), "b": np.ones(3)}  # 2 MiB: the threaded copy
+    with CheckpointManager(tmp_path / "ck", max_to_keep=None) as mgr:
+        mgr.save(0, state)
+        mgr.wait_until_finished()
+        old = [b for b in mgr._buffers if b is not None]
+
+        def interrupted(*args: Any) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_manager, "copy_arrays", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            mgr.save(1, state)
+        assert mgr._buffers == []
+        monkeypatch.undo()
+        state["w"] += 1
+        mgr.save(1, state)
+        mgr.wait_until_finished()
+        assert all(b is not o for b in mgr._buffers for o in old)
+        assert np.array_equal(mgr.restore(step=1)[1]["w"], np.arange(1 << 19, dtype=np.float32) + 1)
+        assert mgr.all_steps() == [0, 1]
