@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _distributed as _dist
-from ._async import PARALLEL_COPY_BYTES, BackgroundWriter, copy_arrays
+from ._async import BackgroundWriter, copy_arrays
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -651,13 +651,7 @@ class CheckpointManager:
             and list(map(_SHAPE, reuse)) == list(map(_SHAPE, arrays))
             and list(map(_DTYPE, reuse)) == list(map(_DTYPE, arrays))
         ):  # the steady state of a training loop: the same arrays again, one plain copy each
-            large = []
-            for buf, a in zip(reuse, arrays, strict=True):
-                if a.nbytes >= PARALLEL_COPY_BYTES:
-                    large.append((buf, a))
-                else:
-                    buf[...] = a  # type: ignore[index]
-            copy_arrays(large, self._pool, self._copy_threads)  # type: ignore[arg-type]
+            copy_arrays(zip(reuse, arrays, strict=True), self._pool, self._copy_threads)  # type: ignore[arg-type]
             return FlatState(flat.tree, flat.rng, list(reuse), flat.paths)  # type: ignore[arg-type]
         out = []
         buffers: list[np.ndarray[Any, Any] | None] = []
@@ -673,10 +667,7 @@ class CheckpointManager:
                 # np.copyto does: a subclass's __setitem__, e.g. a hard-masked array's, would
                 # skip elements); first touched by the copy, on the copying threads
                 buf = np.empty_like(a, subok=False)
-            if a.nbytes >= PARALLEL_COPY_BYTES:
-                pairs.append((buf, a))
-            else:
-                buf[...] = a
+            pairs.append((buf, a))
             out.append(buf)
             buffers.append(buf)
         copy_arrays(pairs, self._pool, self._copy_threads)

@@ -41,6 +41,7 @@ def _sources() -> list[np.ndarray[Any, Any]]:
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_copy_arrays_copies_every_byte(pool: Any, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_async, "PARALLEL_COPY_BYTES", 0)  # every array goes to the threads
     monkeypatch.setattr(_async, "COPY_PIECE_BYTES", 4096)  # cut the large arrays into many pieces
     sources = _sources()
     dests = [np.empty_like(s) for s in sources]  # the sources' layouts (F-order stays F-order)
@@ -53,6 +54,7 @@ def test_copy_arrays_copies_every_byte(pool: Any, threads: int, monkeypatch: pyt
 
 
 def test_copy_arrays_uses_the_pool_and_the_caller(pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_async, "PARALLEL_COPY_BYTES", 0)  # every array goes to the threads
     monkeypatch.setattr(_async, "COPY_PIECE_BYTES", 1 << 16)
     seen: set[str] = set()
     original = _async._copy
@@ -70,6 +72,7 @@ def test_copy_arrays_uses_the_pool_and_the_caller(pool: Any, monkeypatch: pytest
 
 
 def test_copy_arrays_waits_for_every_thread_before_raising(pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_async, "PARALLEL_COPY_BYTES", 0)  # every array goes to the threads
     monkeypatch.setattr(_async, "COPY_PIECE_BYTES", 1 << 12)
     src = [np.arange(1 << 16, dtype=np.float64) + i for i in range(6)] + [np.arange(8.0)]
     dst = [np.zeros_like(s) for s in src]
@@ -89,7 +92,7 @@ def test_copy_arrays_waits_for_every_thread_before_raising(pool: Any, monkeypatc
 
 
 def test_async_snapshot_of_large_arrays_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_manager, "PARALLEL_COPY_BYTES", 1024)
+    monkeypatch.setattr(_async, "PARALLEL_COPY_BYTES", 1024)
     monkeypatch.setattr(_async, "COPY_PIECE_BYTES", 8192)
     sources = _sources()
     state = {f"a{i}": s for i, s in enumerate(sources)}
