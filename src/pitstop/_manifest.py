@@ -246,6 +246,9 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    #: The retention policy of the writer that committed it (see ``Policy``); ``None`` in
+    #: checkpoints written before policies were recorded.
+    policy: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -310,6 +313,8 @@ def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> byt
         "metadata": m.metadata,
         "versions": m.versions,
     }
+    if m.policy is not None:
+        body["policy"] = m.policy
 
     def column(table: str, name: str, values: Any) -> str:
         done = pre.get(f"{table}.{name}")
@@ -694,6 +699,10 @@ def _loads(raw: str, *, exact: bool) -> Any:
 
 _BODY_KEYS = frozenset({"format_version", "hash", "step", "time", "tree", "rng", "arrays", "segments", "objects",
                         "metrics", "metadata", "versions"})  # fmt: skip
+#: Members a manifest may have besides ``_BODY_KEYS`` (added later in format version 1).
+_OPTIONAL_BODY_KEYS = frozenset({"policy"})
+#: The retention policy's members and what each may hold.
+POLICY_KEYS = ("max_to_keep", "keep_best", "best_metric", "best_mode", "keep_every_n_steps")
 # members of the top-level object and of the three table objects (their keys are checked)
 _FIXED_MEMBERS = len(_BODY_KEYS) + len(_ARRAY_KEYS) + len(_SEGMENT_KEYS) + len(_OBJECT_KEYS)
 
@@ -706,8 +715,9 @@ def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
     colons, so only the tree, the RNG tree and the free-form fields are walked.
     """
     body = _dict(body, "manifest")
-    if body.keys() != _BODY_KEYS:
+    if body.keys() != _BODY_KEYS and not (_BODY_KEYS < body.keys() <= _BODY_KEYS | _OPTIONAL_BODY_KEYS):
         raise _InvalidError(f"manifest keys {sorted(body)} differ from {sorted(_BODY_KEYS)}")
+    policy = _policy(body["policy"]) if "policy" in body else None
     if body["format_version"] != FORMAT_VERSION or body["hash"] != HASH_NAME:
         raise _InvalidError("format_version/hash do not match the envelope")
     got_step = _int(body["step"], "step", 0, (1 << 64) - 1)
@@ -728,8 +738,8 @@ def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
     versions = {str(k): str(v) for k, v in _dict(body["versions"], "versions").items()}
     metadata = _dict(body["metadata"], "metadata")
     if tally is not None:
-        tally[0] += _FIXED_MEMBERS
-        for free in (body["metrics"], metadata, body["versions"]):
+        tally[0] += _FIXED_MEMBERS + (policy is not None)
+        for free in (body["metrics"], metadata, body["versions"], policy or {}):
             _census(free, tally)
     return Manifest(
         step=got_step,
@@ -741,4 +751,23 @@ def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
         metrics=metrics,
         metadata=metadata,
         versions=versions,
+        policy=policy,
     )
+
+
+def _policy(v: Any) -> dict[str, Any]:
+    """A recorded retention policy: exactly ``POLICY_KEYS``, each of its type."""
+    p = _dict(v, "policy")
+    if sorted(p) != sorted(POLICY_KEYS):
+        raise _InvalidError(f"policy keys {sorted(p)} differ from {sorted(POLICY_KEYS)}")
+    for key in ("max_to_keep", "keep_every_n_steps"):
+        if p[key] is not None:
+            _int(p[key], f"policy.{key}", 1)
+    _int(p["keep_best"], "policy.keep_best")
+    if p["best_metric"] is not None and (type(p["best_metric"]) is not str or len(p["best_metric"]) > 1000):
+        raise _InvalidError("policy.best_metric must be a string or null")
+    if p["best_mode"] not in ("min", "max"):
+        raise _InvalidError("policy.best_mode must be 'min' or 'max'")
+    if p["best_metric"] is None and p["keep_best"]:
+        raise _InvalidError("policy.keep_best needs policy.best_metric")
+    return p
