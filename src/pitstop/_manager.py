@@ -647,6 +647,24 @@ class CheckpointManager:
             self._on_preempted()
         return started
 
+    def _replace(
+        self, step: int, state: Any, *, metrics: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Save ``state`` as ``step``, atomically replacing the checkpoint of ``step`` if one
+        is committed (readers see the old or the new one, never neither).
+
+        For ``pitstop.keras.Checkpoint``: the state at an epoch's end supersedes the save
+        taken at its last batch, and callbacks' counters updated after the epoch-end save
+        supersede that save, without a moment in which the finished epoch is not on disk.
+        Single-process managers only.
+        """
+        self._check_open()
+        if self._coord is not None:
+            raise CheckpointError("replacing a checkpoint is not supported with a coordinator", path=self.directory)
+        if self._writer is not None:
+            self._writer.wait()
+        self._save_local(int(step), state, metrics, metadata, self._compression, replace=True)
+
     def _existing(self, step: int, steps: Sequence[int]) -> int:
         """Whether committed ``step`` is absent (``_NEW``), ``_INTACT`` or ``_DAMAGED``.
 
