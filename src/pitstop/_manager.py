@@ -39,7 +39,7 @@ from ._errors import (
 )
 from ._gcpause import paused_gc
 from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
-from ._policy import UNSET, Policy, Unset, resolve_policy
+from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
 from ._preempt import PreemptionWatcher, parse_signals
 from ._reader import read_arrays, verify_manifest
 from ._retention import Record, best_step, select
@@ -355,8 +355,10 @@ class CheckpointManager:
             "best_mode": best_mode,
             "keep_every_n_steps": keep_every_n_steps,
         }
-        resolve_policy(self._given, None, where="", warn=False)  # invalid options fail here
+        resolve_policy(self._given, None)  # invalid options fail here
         self._resolved: Policy | None = None
+        self._recorded: dict[str, Any] | None = None  # the policy recorded when it was resolved
+        self._policy_applied = False
         if type(save_interval_steps) is not int or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
         if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
@@ -496,8 +498,17 @@ class CheckpointManager:
                 except CheckpointError:
                     continue  # a damaged or vanished newest step: the one before tells
                 break
-            self._resolved = resolve_policy(self._given, recorded, where=str(self.directory))
+            self._resolved = resolve_policy(self._given, recorded)
+            self._recorded = recorded
         return self._resolved
+
+    def _applied_policy(self, steps: Sequence[int] | None = None) -> Policy:
+        """The policy, as a writer applies it: warns once if it replaces a different one."""
+        policy = self._policy(steps)
+        if not self._policy_applied:
+            self._policy_applied = True
+            policy_change(policy, self._recorded, where=str(self.directory), stacklevel=4)
+        return policy
 
     def best_step(self) -> int | None:
         """The best step by ``best_metric`` (``None`` without a metric or any scored step)."""
@@ -741,7 +752,7 @@ class CheckpointManager:
                 replace, bad = True, self._damaged_objects(step)
         elif step not in steps:
             replace = False
-        policy = self._policy(steps)
+        policy = self._applied_policy(steps)
         with paused_gc():
             rng = _capture_rng() if self._capture_rng else None
             flat = flatten_state(state, rng)
@@ -810,7 +821,7 @@ class CheckpointManager:
         chief_error: BaseException | None = None
         if self._rank == 0 and not failed:
             try:
-                self._commit_parts(step, clean_metrics, clean_metadata, self._policy(steps), replace)
+                self._commit_parts(step, clean_metrics, clean_metadata, self._applied_policy(steps), replace)
             except Exception as exc:
                 chief_error = exc
         chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed

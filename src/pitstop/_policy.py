@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, cast
 
 from ._retention import KeepBest, KeepEveryN, KeepLatest, RetentionRule
 
-__all__ = ["UNSET", "Policy", "PolicyChangedWarning", "Unset", "resolve_policy"]
+__all__ = ["UNSET", "Policy", "PolicyChangedWarning", "Unset", "policy_change", "resolve_policy"]
 
 
 class Unset:
@@ -110,9 +110,7 @@ class Policy:
         return ", ".join(parts)
 
 
-def resolve_policy(
-    given: Mapping[str, Any], recorded: Mapping[str, Any] | None, *, where: str, warn: bool = True
-) -> Policy:
+def resolve_policy(given: Mapping[str, Any], recorded: Mapping[str, Any] | None) -> Policy:
     """The policy of a manager given ``given`` options (``UNSET`` = not given) in a directory
     whose newest checkpoint recorded ``recorded`` (``None``: nothing recorded).
 
@@ -134,15 +132,20 @@ def resolve_policy(
         )
     elif "best_metric" in explicit and explicit["best_metric"] is None and "keep_best" not in explicit:
         merged["keep_best"] = 0  # ranking turned off explicitly: nothing to keep as best
-    policy = Policy(**merged)
-    if warn and recorded is not None:
-        old = Policy(**cast(dict[str, Any], recorded))
-        if old != policy:
-            warnings.warn(
-                f"{where} was written with the retention policy ({old.describe()}); this manager "
-                f"uses ({policy.describe()}), which takes effect now and is recorded with the next "
-                "checkpoint. Open it without retention options to keep the recorded policy.",
-                PolicyChangedWarning,
-                stacklevel=4,
-            )
-    return policy
+    return Policy(**merged)
+
+
+def policy_change(policy: Policy, recorded: Mapping[str, Any] | None, *, where: str, stacklevel: int) -> None:
+    """Warn (:class:`PolicyChangedWarning`) when ``policy`` is about to replace a different
+    ``recorded`` one: called when a writer first applies its policy, not on queries."""
+    if recorded is None:
+        return
+    old = Policy(**cast(dict[str, Any], recorded))
+    if old != policy:
+        warnings.warn(
+            f"{where} was written with the retention policy ({old.describe()}); this manager "
+            f"uses ({policy.describe()}), which takes effect now and is recorded with the next "
+            "checkpoint. Open it without retention options to keep the recorded policy.",
+            PolicyChangedWarning,
+            stacklevel=stacklevel + 1,
+        )

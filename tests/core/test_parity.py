@@ -224,3 +224,27 @@ def test_restore_or_initialize_tells_step_zero_from_nothing(ckdir: Path) -> None
         start = mgr.restore_or_initialize(state(9))
         assert start == 0 and start.restored is True
         assert isinstance(start, int) and list(range(start + 1, 3)) == [1, 2]
+
+
+# -- the same object under two entries ---------------------------------------------------------
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = np.zeros(2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n[...] = state["n"]
+
+
+def test_the_same_object_under_two_entries_is_refused_and_nothing_is_saved(ckdir: Path) -> None:
+    shared = Counter()
+    with CheckpointManager(ckdir, async_save=False) as mgr:
+        mgr.save(1, {"a": Counter()})
+        with pytest.raises(pitstop.UnsupportedStateError, match=r"in the state twice, at both/1 and at gen/shared"):
+            mgr.save(2, {"gen": {"shared": shared}, "both": [Counter(), shared]})
+        assert mgr.all_steps() == [1]
+        assert mgr.save(2, {"a": shared, "b": Counter()}) is True  # distinct objects are fine
