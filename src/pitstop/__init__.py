@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from ._checkpoint_reader import CheckpointReader
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -49,6 +50,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointReader",
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "DirectoryLockedError",

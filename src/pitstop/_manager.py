@@ -15,10 +15,9 @@ import logging
 import operator
 import os
 import signal
-import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -28,35 +27,38 @@ import numpy as np
 
 from . import _distributed as _dist
 from ._async import BackgroundWriter, copy_arrays
+from ._checkpoint_reader import (
+    CheckpointReader,
+    CorruptCheckpointWarning,
+    PartialRestoreWarning,
+    Restored,
+    RestoreReport,
+    cpus,
+    default_threads,
+    describer,
+    mismatch_message,
+    partial_message,
+    steps_of,
+)
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DirectoryLockedError,
-    StateMismatchError,
     UnsupportedStateError,
 )
 from ._gcpause import paused_gc
-from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
+from ._manifest import Manifest, manifest_name
 from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
 from ._preempt import PreemptionWatcher, parse_signals
-from ._reader import read_arrays, verify_manifest
-from ._retention import Record, best_step, select
+from ._reader import verify_manifest
+from ._retention import select
 from ._rng import capture_rng as _capture_rng
-from ._rng import restore_rng
-from ._storage import MissingFileError, Storage, WriterLock, open_storage
+from ._storage import Storage, WriterLock, open_storage
 from ._tree import (
     FlatState,
-    RestorePlan,
-    array_paths,
-    build_tree,
-    display_path,
     flatten_state,
-    node_arrays,
-    plan_restore,
-    rename_hints,
-    run_restore_hooks,
 )
 from ._writer import Compression, DedupIndex, SaveStats, write_checkpoint
 
@@ -68,57 +70,10 @@ __all__ = [
     "RestoreReport",
     "Restored",
     "StartStep",
+    "describer",
+    "mismatch_message",
+    "partial_message",
 ]
-
-
-class CorruptCheckpointWarning(UserWarning):
-    """A corrupt or partial checkpoint was skipped in favour of an older valid one."""
-
-
-class PartialRestoreWarning(UserWarning):
-    """``strict=False`` restored only part of the state (the report says what)."""
-
-
-@dataclass
-class RestoreReport:
-    """What a restore did: the step, and what was restored or skipped (``strict=False``)."""
-
-    step: int
-    restored: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-    @property
-    def skipped(self) -> list[str]:
-        """Everything a partial restore left out: missing, unexpected and mismatched entries."""
-        return [*self.missing, *self.unexpected, *self.mismatched]
-
-
-class Restored(tuple[int, Any]):
-    """What ``restore`` returns: unpacks as ``(step, tree)``, and says what it did.
-
-    Attributes:
-        step: The step restored.
-        tree: The restored state (the given state, updated in place, or a new tree).
-        report: A :class:`RestoreReport`: what was restored and, for a partial restore
-            (``strict=False`` / ``expect_partial=True``), what was skipped.
-    """
-
-    report: RestoreReport
-
-    def __new__(cls, step: int, tree: Any, report: RestoreReport) -> Restored:
-        self = super().__new__(cls, (step, tree))
-        self.report = report
-        return self
-
-    @property
-    def step(self) -> int:
-        return int(self[0])
-
-    @property
-    def tree(self) -> Any:
-        return self[1]
 
 
 class StartStep(int):
@@ -195,18 +150,6 @@ _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 
 
-def _cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _default_threads() -> int:
-    return max(4, min(16, 4 * _cpus()))
-
-
 def _clean_metrics(metrics: Any) -> dict[str, float]:
     if metrics is None:
         return {}
@@ -232,42 +175,6 @@ def _clean_metadata(metadata: Any) -> dict[str, Any]:
         return dict(json.loads(json.dumps(metadata, allow_nan=False)))
     except (TypeError, ValueError) as exc:
         raise UnsupportedStateError(f"metadata must be plain JSON (no NaN): {exc}") from None
-
-
-def mismatch_message(where: str, step: int, err: StateMismatchError) -> str:
-    lines = _mismatch_lines(where, step, err)
-    lines.append(
-        "Rebuild the model exactly as it was saved, or pass strict=False to restore the "
-        "entries that match and keep the rest as they are."
-    )
-    return "\n".join(lines)
-
-
-def partial_message(where: str, step: int, err: StateMismatchError) -> str:
-    """The warning of a ``strict=False`` restore: what it skipped (not what to pass)."""
-    lines = _mismatch_lines(where, step, err)
-    lines[0] = lines[0].replace("does not match the state it is restored into", "was restored partially")
-    lines.append(
-        "The entries that match were restored; the rest keep their values. Pass expect_partial=True "
-        "instead of strict=False when a partial restore is intended: it restores the same without this "
-        "warning (the result's report lists what was skipped)."
-    )
-    return "\n".join(lines)
-
-
-def _mismatch_lines(where: str, step: int, err: StateMismatchError) -> list[str]:
-    lines = [
-        f"checkpoint step {step} at {where} does not match the state it is restored into: "
-        f"{len(err.missing)} missing, {len(err.unexpected)} unexpected, {len(err.mismatched)} mismatched"
-    ]
-    for title, items in (("missing from the checkpoint", err.missing), ("not in the given state", err.unexpected),
-                         ("different shape/dtype", err.mismatched)):  # fmt: skip
-        for m in items[:20]:
-            lines.append(f"  {title}: {m}")
-        if len(items) > 20:
-            lines.append(f"  ... and {len(items) - 20} more {title}")
-    lines += [f"  hint: {h}" for h in err.hints]
-    return lines
 
 
 class CheckpointManager:
@@ -313,6 +220,8 @@ class CheckpointManager:
             Arrays an adapter already copied out of its framework (TensorFlow/Keras
             variables) are kept as they are and take no snapshot memory.
             ``last_save_blocked`` tells whether the last ``save()`` wrote synchronously.
+        storage: A storage backend object to write through instead of opening
+            ``directory`` (tests, custom backends; see ``pitstop._storage.Storage``).
 
     Example:
         >>> import numpy as np, pitstop, tempfile
@@ -347,6 +256,7 @@ class CheckpointManager:
         compression: Literal["zstd"] | None = None,
         compression_level: int = 1,
         max_snapshot_bytes: int | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self._given: dict[str, Any] = {
             "max_to_keep": max_to_keep,
@@ -356,8 +266,6 @@ class CheckpointManager:
             "keep_every_n_steps": keep_every_n_steps,
         }
         resolve_policy(self._given, None)  # invalid options fail here
-        self._resolved: Policy | None = None
-        self._recorded: dict[str, Any] | None = None  # the policy recorded when it was resolved
         self._policy_applied = False
         if type(save_interval_steps) is not int or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
@@ -391,26 +299,24 @@ class CheckpointManager:
         self._max_snapshot = max_snapshot_bytes
         self._interval = save_interval_steps
         self._capture_rng = bool(capture_rng)
-        self._storage: Storage = open_storage(os.fspath(directory), storage_options)
+        self._storage: Storage = storage if storage is not None else open_storage(os.fspath(directory), storage_options)
         self.directory = self._storage.location
-        self._io_threads = io_threads or _default_threads()
+        self._io_threads = io_threads or default_threads()
         self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="pitstop-io")
         # the async snapshot's copy threads: memory bandwidth, not IO, so at most one a core
-        self._copy_threads = max(1, min(self._io_threads, _cpus(), 8))
+        self._copy_threads = max(1, min(self._io_threads, cpus(), 8))
         self._writer = BackgroundWriter() if async_save else None
-        self._cache: dict[int, Manifest] = {}
-        self._cache_lock = threading.Lock()
         self._index: DedupIndex | None = None
         self._buffers: list[np.ndarray[Any, Any] | None] = []
         self._buffers_full = False
         self._closed = False
         self.last_save_stats: SaveStats | None = None
         self.last_save_blocked = False
-        self.last_restore_report: RestoreReport | None = None
         self._watcher = PreemptionWatcher(signals) if signals else None
-        # steps this manager knows verify (committed or fully restored here) or are damaged
-        self._intact: set[int] = set()
-        self._damaged: set[int] = set()
+        self._reader = CheckpointReader._of_manager(
+            self._storage, self._pool, given=self._given, restore_rng=self._capture_rng, rank=self._rank,
+            world=self._world,
+        )  # fmt: skip
         self._held = _Held(self.directory, self._pool, self._watcher, self._writer)
         _OPEN.add(self)
         self._finalizer = weakref.finalize(self, self._held.release)
@@ -431,94 +337,55 @@ class CheckpointManager:
     # -- listing ----------------------------------------------------------------------
     def all_steps(self) -> list[int]:
         """Steps of every committed checkpoint, ascending."""
-        return _steps_of(self._storage.list_manifests())
+        return self._reader.all_steps()
 
     def latest_step(self) -> int | None:
         """The newest committed step, or ``None`` when there is none."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
-    def _manifest(self, step: int) -> Manifest:
-        with self._cache_lock:
-            cached = self._cache.get(step)
-        if cached is not None:
-            return cached
-        name = manifest_name(step)
-        where = f"{self.directory}/manifests/{name}"
-        try:
-            data = self._storage.read_manifest(name)
-        except MissingFileError:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; existing steps: {self.all_steps()}",
-                path=self.directory,
-                step=step,
-            ) from None
-        m = decode_manifest(data, where=where, step=step)
-        with self._cache_lock:
-            self._cache[step] = m
-        return m
-
-    def _records(self, steps: Sequence[int] | None = None) -> tuple[list[Record], list[int]]:
-        """Records of ``steps`` (default: a fresh listing), and the corrupt ones among them."""
-        records, corrupt = [], []
-        for s in self.all_steps() if steps is None else sorted(steps):
-            try:
-                records.append(Record(s, self._manifest(s).metrics))
-            except CheckpointNotFoundError:
-                continue
-            except CorruptCheckpointError:
-                records.append(Record(s, {}))
-                corrupt.append(s)
-        return records, corrupt
+        return self._reader.latest_step()
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``."""
-        return dict(self._manifest(step).metrics)
+        return self._reader.metrics(step)
 
     def metadata(self, step: int) -> dict[str, Any]:
         """The user metadata saved with ``step`` (``save(..., metadata=...)``)."""
-        return json.loads(json.dumps(self._manifest(step).metadata))  # type: ignore[no-any-return]
+        return self._reader.metadata(step)
 
     def manifest(self, step: int) -> Manifest:
         """The parsed manifest of ``step`` (tree, arrays, objects, versions, time)."""
-        return self._manifest(step)
+        return self._reader.manifest(step)
+
+    @property
+    def reader(self) -> CheckpointReader:
+        """This manager's read side (shares its storage, IO threads and policy)."""
+        return self._reader
 
     @property
     def policy(self) -> Policy:
         """The retention policy in effect: the options given, the rest as recorded with the
         directory's newest checkpoint (see :mod:`pitstop._policy`)."""
-        return self._policy()
+        return self._reader._policy()
 
-    def _policy(self, steps: Sequence[int] | None = None) -> Policy:
-        if self._resolved is None:
-            recorded = None
-            for s in reversed(self.all_steps() if steps is None else sorted(steps)):
-                try:
-                    recorded = self._manifest(s).policy
-                except CheckpointError:
-                    continue  # a damaged or vanished newest step: the one before tells
-                break
-            self._resolved = resolve_policy(self._given, recorded)
-            self._recorded = recorded
-        return self._resolved
+    @property
+    def last_restore_report(self) -> RestoreReport | None:
+        """What the last restore did (also on the result of ``restore``)."""
+        return self._reader.last_restore_report
 
     def _applied_policy(self, steps: Sequence[int] | None = None) -> Policy:
         """The policy, as a writer applies it: warns once if it replaces a different one."""
-        policy = self._policy(steps)
+        policy = self._reader._policy(steps)
         if not self._policy_applied:
             self._policy_applied = True
-            policy_change(policy, self._recorded, where=str(self.directory), stacklevel=4)
+            policy_change(policy, self._reader._recorded, where=str(self.directory), stacklevel=4)
         return policy
 
     def best_step(self) -> int | None:
         """The best step by ``best_metric`` (``None`` without a metric or any scored step)."""
-        records = self._records()[0]
-        return best_step(self._policy([r.step for r in records]).best, records)
+        return self._reader.best_step()
 
     def retention(self) -> dict[int, list[str]]:
         """Each committed step with the reasons it is kept (as retention would decide now)."""
-        records = self._records()[0]
-        return select(self._policy([r.step for r in records]).rules(), records)
+        return self._reader.retention()
 
     # -- saving -----------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -548,7 +415,7 @@ class CheckpointManager:
             self._storage.delete_temporary(tmp)
         names = self._storage.list_manifests()
         _dist.remove_parts(self._storage, names=names)
-        steps = _steps_of(names)
+        steps = steps_of(names)
         self._collect_garbage(dry_run=False, steps=steps)
         return steps
 
@@ -685,21 +552,21 @@ class CheckpointManager:
         """
         if step not in steps:
             return _NEW
-        if step in self._intact:
+        if step in self._reader._intact:
             return _INTACT
-        if step not in self._damaged:
+        if step not in self._reader._damaged:
             where = f"{self.directory}/manifests/{manifest_name(step)}"
             try:
-                m = self._manifest(step)
+                m = self._reader._manifest(step)
                 problems = verify_manifest(self._storage, m, self._pool, describer(m), where)
             except CheckpointNotFoundError:
                 return _NEW  # deleted meanwhile (only by this, the lock holder): nothing to keep
             except CorruptCheckpointError as exc:
                 problems = [str(exc)]
             if not problems:
-                self._intact.add(step)
+                self._reader._intact.add(step)
                 return _INTACT
-            self._damaged.add(step)
+            self._reader._damaged.add(step)
         warnings.warn(
             f"checkpoint step {step} in {self.directory} is damaged; this save replaces it (none of its "
             "data is reused)",
@@ -711,12 +578,11 @@ class CheckpointManager:
     def _damaged_objects(self, step: int) -> set[str]:
         """The objects of damaged ``step`` (when its manifest is readable): never reused."""
         try:
-            m = self._manifest(step)
+            m = self._reader._manifest(step)
         except CheckpointError:
             return set()
         finally:
-            with self._cache_lock:
-                self._cache.pop(step, None)
+            self._reader._forget(step)
         return set(m.objects)
 
     def _exists_error(self, step: int, *, by_other: bool = False) -> CheckpointExistsError:
@@ -730,8 +596,7 @@ class CheckpointManager:
 
     def _remember(self, manifest: Manifest, index: DedupIndex) -> None:
         """A manifest this manager just committed: cached, and its pieces reusable."""
-        with self._cache_lock:
-            self._cache[manifest.step] = manifest
+        self._reader._remember(manifest)
         index.add(manifest)
 
     def _save_local(
@@ -850,8 +715,8 @@ class CheckpointManager:
         if failure is not None:
             raise failure
         self.last_save_stats = stats
-        self._intact.add(step)
-        self._damaged.discard(step)
+        self._reader._intact.add(step)
+        self._reader._damaged.discard(step)
         return True
 
     def _clean_up_after_commit(self, step: int, steps: list[int] | None, failure: BaseException | None) -> None:
@@ -979,24 +844,24 @@ class CheckpointManager:
                     index=index,
                     compression=codec,
                     threads=self._io_threads,
-                    policy=(policy or self._policy(steps)).record(),
+                    policy=(policy or self._reader._policy(steps)).record(),
                     replace=replace,
                 )
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None
             self._remember(manifest, index)
             self.last_save_stats = stats
-            self._intact.add(step)
-            self._damaged.discard(step)
+            self._reader._intact.add(step)
+            self._reader._damaged.discard(step)
             self._apply_retention(None if steps is None else sorted({*steps, step}))
 
     def _dedup_index(self, steps: list[int] | None = None) -> DedupIndex:
         if self._index is None:
-            records, _ = self._records(steps)
+            records, _ = self._reader._records(steps)
             ms = []
             for r in records:
                 try:
-                    ms.append(self._manifest(r.step))
+                    ms.append(self._reader._manifest(r.step))
                 except CheckpointError:
                     continue
             self._index = DedupIndex.from_manifests(ms)
@@ -1009,18 +874,17 @@ class CheckpointManager:
             steps: The committed steps, as the lock holder knows them (see
                 ``_writer_steps``); ``None`` lists them.
         """
-        records, _ = self._records(steps)
-        keep = select(self._policy(steps).rules(), records)
+        records, _ = self._reader._records(steps)
+        keep = select(self._reader._policy(steps).rules(), records)
         for r in records:
             if r.step not in keep:
                 self._storage.delete_manifest(manifest_name(r.step))
-                with self._cache_lock:
-                    self._cache.pop(r.step, None)
+                self._reader._forget(r.step)
         self._collect_garbage(dry_run=False, steps=[r.step for r in records if r.step in keep])
 
     def _collect_garbage(self, *, dry_run: bool, steps: list[int] | None = None) -> GcReport:
         report = GcReport()
-        records, corrupt = self._records(steps)
+        records, corrupt = self._reader._records(steps)
         if corrupt:
             warnings.warn(
                 f"{self.directory}: checkpoints {corrupt} have unreadable manifests; their data "
@@ -1032,7 +896,7 @@ class CheckpointManager:
         referenced: set[str] = set()
         for r in records:
             try:
-                referenced.update(self._manifest(r.step).objects)
+                referenced.update(self._reader._manifest(r.step).objects)
             except CheckpointNotFoundError:
                 continue
         for name in self._storage.list_objects():
@@ -1043,7 +907,7 @@ class CheckpointManager:
                 if not dry_run:
                     self._storage.delete_object(name)
         if report.files and not dry_run and self._index is not None:
-            self._index = DedupIndex.from_manifests([self._manifest(r.step) for r in records])
+            self._index = DedupIndex.from_manifests([self._reader._manifest(r.step) for r in records])
         return report
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
@@ -1083,8 +947,7 @@ class CheckpointManager:
                 f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
             )
         self._storage.delete_manifest(manifest_name(step))
-        with self._cache_lock:
-            self._cache.pop(step, None)
+        self._reader._forget(step)
         self._collect_garbage(dry_run=False, steps=[s for s in steps if s != step])
 
     def wait_until_finished(self) -> None:
@@ -1147,41 +1010,19 @@ class CheckpointManager:
             raise ValueError("mmap=True builds a new tree of read-only arrays: call restore(state=None, mmap=True)")
         self.wait_until_finished()
         mode: bool | None = None if expect_partial else bool(strict)
-        got, tree = self._restore(state, self._step_arg(step), mode, mmap, None)
+        got, tree = self._restore(state, self._reader._step_arg(step), mode, mmap, None)
         assert self.last_restore_report is not None
         return Restored(got, tree, self.last_restore_report)
-
-    def _step_arg(self, step: Any) -> int | None:
-        """``restore``'s ``step``: an int, ``None``/``"latest"`` (newest valid) or ``"best"``."""
-        if step is None or step == "latest":
-            return None
-        if step == "best":
-            best = self.best_step()
-            if best is None:
-                policy = self._policy()
-                why = (
-                    f"no checkpoint has the metric {policy.best_metric!r}"
-                    if policy.best_metric is not None
-                    else "no best_metric is recorded or given"
-                )
-                raise CheckpointNotFoundError(
-                    f"no best checkpoint in {self.directory}: {why}; existing steps: {self.all_steps()}",
-                    path=self.directory,
-                )
-            return best
-        if (type(step) is not int and not isinstance(step, np.integer)) or step < 0:
-            raise ValueError(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
-        return int(step)
 
     def _restore(
         self, state: Any, step: int | None, strict: bool | None, mmap: bool, listed: list[int] | None
     ) -> tuple[int, Any]:
         if self._coord is None:
-            return self._restore_any(state, step, strict, mmap, listed)
+            return self._reader._restore_any(state, step, strict, mmap, listed)
         error: BaseException | None = None
         got, tree = -1, None
         try:
-            got, tree = self._restore_any(state, step, strict, mmap, listed)
+            got, tree = self._reader._restore_any(state, step, strict, mmap, listed)
         except Exception as exc:  # every rank must reach the collective
             error = exc
         out = self._coord.all_max([int(error is not None), got, -got])
@@ -1202,49 +1043,6 @@ class CheckpointManager:
             )
         return got, tree
 
-    def _restore_any(
-        self, state: Any, step: int | None, strict: bool | None, mmap: bool, listed: list[int] | None = None
-    ) -> tuple[int, Any]:
-        """``listed``: the steps the caller has just listed, used for the first attempt."""
-        if step is not None:
-            return int(step), self._restore_known_step(int(step), state, strict, mmap)
-        problems: list[str] = []
-        tried: set[int] = set()
-        for _ in range(_MAX_RELISTS):
-            # re-list after every attempt: a live writer may commit or delete meanwhile
-            steps = listed if listed is not None else self.all_steps()
-            listed = None
-            candidates = [s for s in steps if s not in tried]
-            if not candidates:
-                break
-            s = candidates[-1]
-            tried.add(s)
-            try:
-                return s, self._restore_step(s, state, strict, mmap)
-            except CheckpointNotFoundError:
-                continue  # deleted by the writer while we looked
-            except CorruptCheckpointError as exc:
-                if not self._storage_has(s):
-                    continue  # deleted by retention while we read it
-                self._damaged.add(s)
-                problems.append(f"step {s}: {exc}")
-                warnings.warn(
-                    f"skipping checkpoint step {s} in {self.directory}: {exc}", CorruptCheckpointWarning, stacklevel=2
-                )
-        if not problems:
-            raise CheckpointNotFoundError(
-                f"no checkpoint in {self.directory}: nothing has been saved there yet"
-                if not tried
-                else f"no checkpoint left in {self.directory}: every step was deleted while being read",
-                path=self.directory,
-            )
-        raise CorruptCheckpointError(
-            f"every checkpoint in {self.directory} is corrupt ({len(problems)} tried); "
-            "run `pitstop verify` for details",
-            path=self.directory,
-            problems=problems,
-        )
-
     def restore_or_initialize(self, state: Any, *, strict: bool = True) -> StartStep:
         """Restore the newest valid checkpoint into ``state`` in place; return its step.
 
@@ -1257,93 +1055,9 @@ class CheckpointManager:
         self.wait_until_finished()
         steps = self.all_steps()
         if not steps:
-            self.last_restore_report = None
+            self._reader.last_restore_report = None
             return StartStep(0, restored=False)
         return StartStep(self._restore(state, None, strict, False, steps)[0], restored=True)
-
-    def _restore_known_step(self, step: int, state: Any, strict: bool | None, mmap: bool = False) -> Any:
-        try:
-            return self._restore_step(step, state, strict, mmap)
-        except CorruptCheckpointError:
-            if self._storage_has(step):
-                raise
-            raise CheckpointNotFoundError(
-                f"checkpoint step {step} in {self.directory} was deleted (by its writer's retention) "
-                "while it was being read; existing steps: " + str(self.all_steps()),
-                path=self.directory,
-                step=step,
-            ) from None
-
-    def _restore_step(self, step: int, state: Any, strict: bool | None, mmap: bool = False) -> Any:
-        with paused_gc():
-            return self._restore_step_unpaused(step, state, strict, mmap)
-
-    def _restore_step_unpaused(self, step: int, state: Any, strict: bool | None, mmap: bool) -> Any:
-        m = self._manifest(step)
-        where = f"{self.directory}/manifests/{manifest_name(step)}"
-        describe = describer(m)
-        tree, rng_node, view = m.tree, m.rng, None
-        if _dist.is_multi_worker(m):
-            view = _dist.rank_view(m, self._rank, self._world)
-            tree, rng_node = view.tree, view.rng
-
-        if state is None:
-            arrays = read_arrays(
-                self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where, mmap=mmap
-            )
-            self.last_restore_report = RestoreReport(step, restored=["<all>"])
-            self._intact.add(step)
-            return build_tree(m.tree, arrays)
-        run_restore_hooks(state)
-        with _dist.rank_context(self._rank):
-            return self._restore_planned(m, step, where, describe, tree, rng_node, view, state, strict)
-
-    def _restore_planned(
-        self,
-        m: Manifest,
-        step: int,
-        where: str,
-        describe: Callable[[int], str],
-        tree: dict[str, Any],
-        rng_node: dict[str, Any] | None,
-        view: _dist.RankView | None,
-        state: Any,
-        strict: bool | None,
-    ) -> Any:
-        """``strict``: True raises on a mismatch, False restores the intersection with a
-        warning, None (``expect_partial``) without one."""
-        plan, root = plan_restore(tree, state, m.arrays)
-        if view is not None:
-            _check_rank_plan(plan, view, where, step, self._rank, self._world, strict)
-        if not plan.ok:
-            err = StateMismatchError(
-                "", path=self.directory, step=step, missing=plan.missing, unexpected=plan.unexpected,
-                mismatched=plan.mismatched, hints=rename_hints(plan.missing, plan.unexpected),
-            )  # fmt: skip
-            err.message = mismatch_message(self.directory, step, err)
-            err.args = (err.message,)
-            if strict:
-                raise err
-            if strict is not None:
-                warnings.warn(partial_message(self.directory, step, err), PartialRestoreWarning, stacklevel=3)
-        requests = dict(plan.reads)
-        rng_ids = node_arrays(rng_node) if (self._capture_rng and rng_node is not None) else []
-        for i in rng_ids:
-            requests.setdefault(i, None)
-        arrays = read_arrays(self._storage, m, requests, self._pool, describe, where)
-        plan.execute(arrays)
-        if self._capture_rng and rng_node is not None:
-            restore_rng(build_tree(rng_node, arrays), where)
-        if plan.ok:
-            self._intact.add(step)
-        self.last_restore_report = RestoreReport(
-            step,
-            restored=["<all>"] if plan.ok else [display_path(p) for p in sorted(plan.restored, key=_path_order)],
-            missing=[str(x) for x in plan.missing],
-            unexpected=[str(x) for x in plan.unexpected],
-            mismatched=[str(x) for x in plan.mismatched],
-        )
-        return root(arrays) if root is not None else state
 
     def verify(self, step: int | None = None) -> list[int]:
         """Check every checksum of ``step`` (or of every checkpoint) and report all problems.
@@ -1357,75 +1071,7 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait_until_finished()
-        steps = [step] if step is not None else self.all_steps()
-        if step is not None and not self._storage_has(step):
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
-            )
-        problems: list[str] = []
-        verified: list[int] = []
-        for s in steps:
-            try:
-                m = self._manifest(s)
-            except CheckpointNotFoundError:
-                if step is None:
-                    continue  # deleted since it was listed
-                raise
-            except CorruptCheckpointError as exc:
-                problems.append(f"step {s}: {exc}")
-                self._damaged.add(s)
-                continue
-            where = f"{self.directory}/manifests/{manifest_name(s)}"
-            found = verify_manifest(self._storage, m, self._pool, describer(m), where)
-            if found and not self._storage_has(s):  # deleted by its writer's retention meanwhile
-                if step is None:
-                    continue
-                raise CheckpointNotFoundError(
-                    f"checkpoint step {s} in {self.directory} was deleted while it was being verified",
-                    path=self.directory,
-                    step=s,
-                )
-            problems += [f"step {s}: {p}" for p in found]
-            if not found:
-                verified.append(s)
-                self._intact.add(s)
-            else:
-                self._damaged.add(s)
-        if problems:
-            raise CorruptCheckpointError(
-                f"{len(problems)} problem(s) in {self.directory}: " + "; ".join(problems[:5]),
-                path=self.directory,
-                step=step,
-                problems=problems,
-            )
-        return verified
-
-
-def _steps_of(names: Sequence[str]) -> list[int]:
-    """The steps of the committed manifests among ``manifests/`` names, ascending."""
-    steps = (step_of_manifest_name(n) for n in names)
-    return sorted(s for s in steps if s is not None)
-
-
-def _check_rank_plan(
-    plan: RestorePlan, view: _dist.RankView, where: str, step: int, rank: int, world: int, strict: bool | None
-) -> None:
-    """PerRank entries in a restore plan: a rank without saved state gets a clear error; the
-    saved ranks' state the given state leaves out is skipped when the world size changed."""
-
-    def under(path: str, roots: Sequence[str]) -> bool:
-        return any(path == r or path.startswith(r + "/") for r in roots)
-
-    absent = list(view.absent)
-    if strict and absent and any(under(m.path, absent) for m in plan.missing):
-        raise StateMismatchError(
-            _dist.absent_message(where, step, rank, world, view.absent),
-            path=where,
-            step=step,
-            missing=[m for m in plan.missing if under(m.path, absent)],
-        )
-    if view.resized:
-        plan.unexpected[:] = [u for u in plan.unexpected if not under(u.path, view.resized)]
+        return self._reader.verify(step)
 
 
 def _compression_option(name: str | None, level: int) -> Compression | None:
@@ -1438,24 +1084,3 @@ def _compression_option(name: str | None, level: int) -> Compression | None:
     except ImportError:
         raise ValueError("compression='zstd' needs the zstandard package: pip install 'pitstop[zstd]'") from None
     return Compression(level=level)
-
-
-def _path_order(path: tuple[Any, ...]) -> list[tuple[int, Any]]:
-    """Sort key of a state path: tree order (list indices by number, dict keys by name)."""
-    return [(0, k) if type(k) is int else (1, str(k)) for k in path]
-
-
-def describer(m: Manifest) -> Callable[[int], str]:
-    """Array index -> "array <path>", for messages; the paths are computed on first use."""
-    paths: dict[int, str] = {}
-
-    def describe(i: int) -> str:
-        if not paths:
-            paths.update(_array_paths(m))
-        return f"array {paths.get(i, str(i))}"
-
-    return describe
-
-
-def _array_paths(m: Manifest) -> dict[int, str]:
-    return array_paths(m.tree, m.rng)

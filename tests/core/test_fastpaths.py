@@ -162,9 +162,8 @@ class CountingStorage(LocalStorage):
 
 
 def counting_manager(path: Path) -> tuple[pitstop.CheckpointManager, CountingStorage]:
-    mgr = pitstop.CheckpointManager(path, capture_rng=False)
     storage = CountingStorage(str(path))
-    mgr._storage = storage
+    mgr = pitstop.CheckpointManager(path, capture_rng=False, storage=storage)
     return mgr, storage
 
 

@@ -37,9 +37,8 @@ def _zeros() -> dict[str, Any]:
 
 
 def _manager(d: Path) -> tuple[pitstop.CheckpointManager, SizeCounting]:
-    mgr = pitstop.CheckpointManager(d, capture_rng=False)
     storage = SizeCounting(str(d))
-    mgr._storage = storage
+    mgr = pitstop.CheckpointManager(d, capture_rng=False, storage=storage)
     return mgr, storage
 
 
@@ -129,9 +128,8 @@ def test_a_save_lists_manifests_and_objects_once(tmp_path: Path, async_save: boo
         for step in range(3):
             state["small"] += 1
             mgr.save(step, state)
-    mgr = pitstop.CheckpointManager(d, max_to_keep=2, async_save=async_save, capture_rng=False)
     storage = ListCounting(str(d))
-    mgr._storage = storage
+    mgr = pitstop.CheckpointManager(d, max_to_keep=2, async_save=async_save, capture_rng=False, storage=storage)
     with mgr:
         state["small"] += 1
         mgr.save(10, state)  # takes the lock: cleans leftovers, then saves
@@ -156,9 +154,8 @@ def test_a_save_lists_manifests_and_objects_once(tmp_path: Path, async_save: boo
 def test_restore_or_initialize_lists_once(tmp_path: Path) -> None:
     d = tmp_path / "c"
     _save(d, _state())
-    mgr = pitstop.CheckpointManager(d, capture_rng=False)
     storage = ListCounting(str(d))
-    mgr._storage = storage
+    mgr = pitstop.CheckpointManager(d, capture_rng=False, storage=storage)
     with mgr:
         target = _zeros()
         assert mgr.restore_or_initialize(target) == 1

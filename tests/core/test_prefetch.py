@@ -49,9 +49,8 @@ def _sizes(d: Path) -> dict[str, int]:
 
 
 def _open(d: Path) -> tuple[pitstop.CheckpointManager, Advised]:
-    mgr = pitstop.CheckpointManager(d, capture_rng=False)
     storage = Advised(str(d))
-    mgr._storage = storage
+    mgr = pitstop.CheckpointManager(d, capture_rng=False, storage=storage)
     return mgr, storage
 
 

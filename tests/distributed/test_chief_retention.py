@@ -42,11 +42,10 @@ def test_other_ranks_do_not_wait_for_rank0_gc(tmp_path: Path) -> None:
     gated: list[_GatedStorage] = []
 
     def run(coord: ThreadCoordinator) -> Any:
-        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=1, capture_rng=False) as mgr:
-            if coord.rank == 0:
-                storage = _GatedStorage(str(d), rank1_done)
-                mgr._storage = storage
-                gated.append(storage)
+        storage = _GatedStorage(str(d), rank1_done) if coord.rank == 0 else None
+        if storage is not None:
+            gated.append(storage)
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=1, capture_rng=False, storage=storage) as mgr:
             mgr.save(1, _state(1))
             mgr.save(2, _state(2))  # retention drops step 1 and its objects
             if coord.rank == 1:
@@ -77,9 +76,8 @@ def test_rank0_retention_failure_says_the_step_is_committed(tmp_path: Path) -> N
     d = tmp_path / "ck"
 
     def run(coord: ThreadCoordinator) -> Any:
-        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=1, capture_rng=False) as mgr:
-            if coord.rank == 0:
-                mgr._storage = _FailingDeletes(str(d))
+        storage = _FailingDeletes(str(d)) if coord.rank == 0 else None
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=1, capture_rng=False, storage=storage) as mgr:
             mgr.save(1, _state(1))
             return mgr.save(2, _state(2))
 
@@ -141,9 +139,8 @@ def test_rank0_lists_once_per_save(tmp_path: Path) -> None:
     counts: list[tuple[int, int]] = []
 
     def run(coord: ThreadCoordinator) -> Any:
-        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=2, capture_rng=False) as mgr:
-            storage = _Listing(str(d))
-            mgr._storage = storage
+        storage = _Listing(str(d))
+        with pitstop.CheckpointManager(d, coordinator=coord, max_to_keep=2, capture_rng=False, storage=storage) as mgr:
             for step in range(1, 5):
                 before = (storage.manifest_lists, storage.object_lists)
                 mgr.save(step, _state(step))
@@ -190,10 +187,10 @@ def test_rank0_removes_parts_after_barrier2(tmp_path: Path, outcome: str) -> Non
     gated: list[_GatedParts] = []
 
     def run(coord: ThreadCoordinator) -> Any:
-        with pitstop.CheckpointManager(d, coordinator=coord, capture_rng=False) as mgr:
-            if coord.rank == 0:
-                gated.append(_GatedParts(str(d), others_done))
-                mgr._storage = gated[0]
+        storage = _GatedParts(str(d), others_done) if coord.rank == 0 else None
+        if storage is not None:
+            gated.append(storage)
+        with pitstop.CheckpointManager(d, coordinator=coord, capture_rng=False, storage=storage) as mgr:
             st = _state(1)
             if outcome == "mismatch" and coord.rank == 2:
                 st["b"] = np.zeros(3)  # replicated shapes differ: rank 0's merge refuses

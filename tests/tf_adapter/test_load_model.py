@@ -73,7 +73,8 @@ def rewrite_manifest(root: Path, edit: Any, step: int = 0) -> None:
     new_body = edit(body)
     assert new_body != body
     digest = xxhash.xxh3_128_hexdigest(new_body)
-    path.write_bytes(f'{{"format":"pitstop/1","checksum":"{digest}","manifest":'.encode() + new_body + b"}\n")
+    head = data[: data.index(b'"checksum":')]  # {"format":"pitstop/N", -- the version it had
+    path.write_bytes(head + f'"checksum":"{digest}","manifest":'.encode() + new_body + b"}\n")
 
 
 def test_sequential_compiled_with_optimizer_continues_training(tmp_path: Path) -> None:
