@@ -10,23 +10,20 @@ same directory need no lock and see only committed checkpoints.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import operator
 import os
 import signal
 import warnings
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 
 from . import _distributed as _dist
-from ._async import BackgroundWriter, copy_arrays
+from ._async import BackgroundWriter
 from ._checkpoint_reader import (
     CheckpointReader,
     CorruptCheckpointWarning,
@@ -46,15 +43,16 @@ from ._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DirectoryLockedError,
-    UnsupportedStateError,
 )
 from ._gcpause import paused_gc
 from ._manifest import Manifest, manifest_name
+from ._options import clean_metadata, clean_metrics, compression_option
 from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
 from ._preempt import PreemptionWatcher, parse_signals
 from ._reader import verify_manifest
-from ._retention import select
+from ._retain import GcReport, Retainer
 from ._rng import capture_rng as _capture_rng
+from ._snapshot import SnapshotBuffers
 from ._storage import Storage, WriterLock, open_storage
 from ._tree import (
     FlatState,
@@ -129,14 +127,6 @@ class _Held:
         self.pool.shutdown(wait=False)
 
 
-@dataclass
-class GcReport:
-    """What garbage collection removed (or, with ``dry_run``, would remove)."""
-
-    files: list[str] = field(default_factory=list)
-    bytes: int = 0
-
-
 MAX_STEP = 2**63 - 1
 _log = logging.getLogger("pitstop")
 #: Every manager of this process not yet collected (to find a dropped one holding a lock).
@@ -144,37 +134,6 @@ _OPEN: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
 # whether a step being saved is committed already (ordered: ranks agree on the largest)
 _NEW, _DAMAGED, _INTACT = 0, 1, 2
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
-
-
-_SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-
-
-def _clean_metrics(metrics: Any) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, dict):
-        raise UnsupportedStateError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
-    out = {}
-    for k, v in metrics.items():
-        if not isinstance(k, str):
-            raise UnsupportedStateError(f"metric names must be strings, got {k!r}")
-        try:
-            out[k] = float(np.asarray(v).item()) if not isinstance(v, (int, float)) else float(v)
-        except (TypeError, ValueError):
-            raise UnsupportedStateError(f"metric {k!r} is {v!r}, not a number") from None
-    return out
-
-
-def _clean_metadata(metadata: Any) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise UnsupportedStateError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedStateError(f"metadata must be plain JSON (no NaN): {exc}") from None
 
 
 class CheckpointManager:
@@ -294,7 +253,7 @@ class CheckpointManager:
         self.preempted = False
         if max_snapshot_bytes is not None and (type(max_snapshot_bytes) is not int or max_snapshot_bytes < 0):
             raise ValueError(f"max_snapshot_bytes must be an int >= 0 or None, got {max_snapshot_bytes!r}")
-        self._compression = _compression_option(compression, compression_level)
+        self._compression = compression_option(compression, compression_level)
         self._compression_level = compression_level
         self._max_snapshot = max_snapshot_bytes
         self._interval = save_interval_steps
@@ -303,12 +262,8 @@ class CheckpointManager:
         self.directory = self._storage.location
         self._io_threads = io_threads or default_threads()
         self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="pitstop-io")
-        # the async snapshot's copy threads: memory bandwidth, not IO, so at most one a core
-        self._copy_threads = max(1, min(self._io_threads, cpus(), 8))
         self._writer = BackgroundWriter() if async_save else None
-        self._index: DedupIndex | None = None
-        self._buffers: list[np.ndarray[Any, Any] | None] = []
-        self._buffers_full = False
+        self._snapshots = SnapshotBuffers(self._pool, max(1, min(self._io_threads, cpus(), 8)))
         self._closed = False
         self.last_save_stats: SaveStats | None = None
         self.last_save_blocked = False
@@ -317,6 +272,7 @@ class CheckpointManager:
             self._storage, self._pool, given=self._given, restore_rng=self._capture_rng, rank=self._rank,
             world=self._world,
         )  # fmt: skip
+        self._data = Retainer(self._storage, self._reader)
         self._held = _Held(self.directory, self._pool, self._watcher, self._writer)
         _OPEN.add(self)
         self._finalizer = weakref.finalize(self, self._held.release)
@@ -416,7 +372,7 @@ class CheckpointManager:
         names = self._storage.list_manifests()
         _dist.remove_parts(self._storage, names=names)
         steps = steps_of(names)
-        self._collect_garbage(dry_run=False, steps=steps)
+        self._data.collect_garbage(dry_run=False, steps=steps)
         return steps
 
     def _lock_directory(self) -> WriterLock:
@@ -514,7 +470,7 @@ class CheckpointManager:
         if compression is None:
             codec = self._compression
         else:
-            codec = _compression_option(None if compression == "none" else compression, self._compression_level)
+            codec = compression_option(None if compression == "none" else compression, self._compression_level)
         if self._coord is not None:
             started = existing != _INTACT and self._save_multi(
                 step, state, metrics, metadata, codec, listed, replace=existing == _DAMAGED
@@ -604,8 +560,7 @@ class CheckpointManager:
     ) -> bool:
         """``replace``: the caller replaces its own intact ``step`` (an epoch-end state
         superseding the save at the epoch's last batch)."""
-        clean_metrics = _clean_metrics(metrics)
-        clean_metadata = _clean_metadata(metadata)
+        metrics_, metadata_ = clean_metrics(metrics), clean_metadata(metadata)
         listed = self._acquire()
         steps = listed if listed is not None else self._writer_steps()
         bad: set[str] = set()
@@ -626,17 +581,17 @@ class CheckpointManager:
             copied = (a.nbytes for i, a in enumerate(flat.arrays) if i not in flat.fresh)
             if background and bound is not None and sum(copied) > bound:
                 background = False  # block instead of allocating past the bound
-                self._buffers, self._buffers_full = [], False  # and hold no snapshot memory meanwhile
+                self._snapshots.drop()  # and hold no snapshot memory meanwhile
             if background:
-                flat = self._snapshot(flat)
+                flat = self._snapshots.copy(flat)
         self.last_save_blocked = not background
         if background:
             assert self._writer is not None
             self._writer.submit(
-                lambda: self._write(step, flat, clean_metrics, clean_metadata, codec, steps, policy, replace, bad)
+                lambda: self._write(step, flat, metrics_, metadata_, codec, steps, policy, replace, bad)
             )
         else:
-            self._write(step, flat, clean_metrics, clean_metadata, codec, steps, policy, replace, bad)
+            self._write(step, flat, metrics_, metadata_, codec, steps, policy, replace, bad)
         return True
 
     def _save_multi(
@@ -656,13 +611,12 @@ class CheckpointManager:
         """
         assert self._coord is not None
         error: BaseException | None = None
-        clean_metrics: dict[str, float] = {}
-        clean_metadata: dict[str, Any] = {}
+        metrics_: dict[str, float] = {}
+        metadata_: dict[str, Any] = {}
         stats: SaveStats | None = None
         steps: list[int] = []
         try:
-            clean_metrics = _clean_metrics(metrics)
-            clean_metadata = _clean_metadata(metadata)
+            metrics_, metadata_ = clean_metrics(metrics), clean_metadata(metadata)
             if listed is not None:
                 steps = listed
             else:
@@ -672,9 +626,9 @@ class CheckpointManager:
             with paused_gc(), _dist.rank_context(self._rank):
                 rng = _capture_rng() if self._capture_rng else {}
                 flat = flatten_state(state, _dist.PerRank(rng))
-                index = self._dedup_index(steps)
+                index = self._data.index(steps)
                 if replace:  # a damaged step: none of its data is reused
-                    index = self._index = index.without(self._damaged_objects(step))
+                    index = self._data.replace_index(index.without(self._damaged_objects(step)))
                 written, stats = _dist.write_part(
                     self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
                     index=index, compression=codec,
@@ -686,7 +640,7 @@ class CheckpointManager:
         chief_error: BaseException | None = None
         if self._rank == 0 and not failed:
             try:
-                self._commit_parts(step, clean_metrics, clean_metadata, self._applied_policy(steps), replace)
+                self._commit_parts(step, metrics_, metadata_, self._applied_policy(steps), replace)
             except Exception as exc:
                 chief_error = exc
         chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed
@@ -726,7 +680,7 @@ class CheckpointManager:
             _dist.remove_parts(self._storage, step, world_size=self._world, pool=self._pool)
             if steps is not None:
                 with paused_gc():
-                    self._apply_retention(steps)
+                    self._data.apply_retention(steps)
         except Exception as exc:
             if failure is not None:  # the save failed anyway: say so, and what was left behind
                 failure.add_note(f"removing the parts of step {step} failed too ({exc}); run gc() to remove them")
@@ -751,7 +705,7 @@ class CheckpointManager:
                 _dist.commit_merged(self._storage, manifest, replace=replace)
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None
-            self._remember(manifest, self._dedup_index())
+            self._remember(manifest, self._data.index())
 
     def _on_preempted(self) -> None:
         self.wait_until_finished()  # the preemption checkpoint is committed before anything else
@@ -764,53 +718,6 @@ class CheckpointManager:
 
     def _storage_has(self, step: int) -> bool:
         return manifest_name(step) in self._storage.list_manifests()
-
-    def _snapshot(self, flat: FlatState) -> FlatState:
-        """Copy every array into host buffers reused from the previous save when they fit.
-
-        Arrays the flattener marked fresh (an adapter's own copies, see
-        ``_tree.fresh_arrays``) are the snapshot already: they are kept, not copied again,
-        and never become reusable buffers (the next save must not write into them).
-        """
-        try:
-            return self._copy_state(flat)
-        except BaseException:
-            # an interrupted copy may leave threads writing into these buffers: never reuse them
-            self._buffers, self._buffers_full = [], False
-            raise
-
-    def _copy_state(self, flat: FlatState) -> FlatState:
-        arrays, fresh, reuse = flat.arrays, flat.fresh, self._buffers
-        if (
-            not fresh
-            and self._buffers_full
-            and len(reuse) == len(arrays)
-            and list(map(_SHAPE, reuse)) == list(map(_SHAPE, arrays))
-            and list(map(_DTYPE, reuse)) == list(map(_DTYPE, arrays))
-        ):  # the steady state of a training loop: the same arrays again, one plain copy each
-            copy_arrays(zip(reuse, arrays, strict=True), self._pool, self._copy_threads)  # type: ignore[arg-type]
-            return FlatState(flat.tree, flat.rng, list(reuse), flat.paths)  # type: ignore[arg-type]
-        out = []
-        buffers: list[np.ndarray[Any, Any] | None] = []
-        pairs = []
-        for i, a in enumerate(arrays):
-            buf = reuse[i] if i < len(reuse) else None
-            if i in fresh:
-                out.append(a)
-                buffers.append(buf)  # kept for a later save that copies this slot
-                continue
-            if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
-                # a plain ndarray whatever ``a`` is (buf[...] = a then copies the raw data, as
-                # np.copyto does: a subclass's __setitem__, e.g. a hard-masked array's, would
-                # skip elements); first touched by the copy, on the copying threads
-                buf = np.empty_like(a, subok=False)
-            pairs.append((buf, a))
-            out.append(buf)
-            buffers.append(buf)
-        copy_arrays(pairs, self._pool, self._copy_threads)
-        self._buffers = buffers
-        self._buffers_full = not fresh  # every slot holds a buffer (a fresh slot may hold None)
-        return FlatState(flat.tree, flat.rng, out, flat.paths)
 
     def _write(
         self,
@@ -830,9 +737,9 @@ class CheckpointManager:
         of a damaged step the new checkpoint must not refer to.
         """
         with paused_gc():
-            index = self._dedup_index(steps)
+            index = self._data.index(steps)
             if bad:
-                index = self._index = index.without(set(bad))
+                index = self._data.replace_index(index.without(set(bad)))
             try:
                 manifest, stats = write_checkpoint(
                     self._storage,
@@ -853,62 +760,7 @@ class CheckpointManager:
             self.last_save_stats = stats
             self._reader._intact.add(step)
             self._reader._damaged.discard(step)
-            self._apply_retention(None if steps is None else sorted({*steps, step}))
-
-    def _dedup_index(self, steps: list[int] | None = None) -> DedupIndex:
-        if self._index is None:
-            records, _ = self._reader._records(steps)
-            ms = []
-            for r in records:
-                try:
-                    ms.append(self._reader._manifest(r.step))
-                except CheckpointError:
-                    continue
-            self._index = DedupIndex.from_manifests(ms)
-        return self._index
-
-    def _apply_retention(self, steps: list[int] | None = None) -> None:
-        """Delete the steps the rules drop, then unreferenced data.
-
-        Args:
-            steps: The committed steps, as the lock holder knows them (see
-                ``_writer_steps``); ``None`` lists them.
-        """
-        records, _ = self._reader._records(steps)
-        keep = select(self._reader._policy(steps).rules(), records)
-        for r in records:
-            if r.step not in keep:
-                self._storage.delete_manifest(manifest_name(r.step))
-                self._reader._forget(r.step)
-        self._collect_garbage(dry_run=False, steps=[r.step for r in records if r.step in keep])
-
-    def _collect_garbage(self, *, dry_run: bool, steps: list[int] | None = None) -> GcReport:
-        report = GcReport()
-        records, corrupt = self._reader._records(steps)
-        if corrupt:
-            warnings.warn(
-                f"{self.directory}: checkpoints {corrupt} have unreadable manifests; their data "
-                "is left in place until they are deleted (pitstop verify / delete)",
-                CorruptCheckpointWarning,
-                stacklevel=3,
-            )
-            return report
-        referenced: set[str] = set()
-        for r in records:
-            try:
-                referenced.update(self._reader._manifest(r.step).objects)
-            except CheckpointNotFoundError:
-                continue
-        for name in self._storage.list_objects():
-            if name not in referenced:
-                size = self._storage.object_size(name) or 0
-                report.files.append(f"objects/{name}")
-                report.bytes += size
-                if not dry_run:
-                    self._storage.delete_object(name)
-        if report.files and not dry_run and self._index is not None:
-            self._index = DedupIndex.from_manifests([self._reader._manifest(r.step) for r in records])
-        return report
+            self._data.apply_retention(None if steps is None else sorted({*steps, step}))
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove leftovers of interrupted saves and data no checkpoint references.
@@ -920,7 +772,7 @@ class CheckpointManager:
         self._check_chief("gc()")
         self.wait_until_finished()
         if dry_run:
-            report = self._collect_garbage(dry_run=True)
+            report = self._data.collect_garbage(dry_run=True)
             report.files += self._storage.list_temporaries()
             return report
         self._storage.ensure_layout()
@@ -930,7 +782,7 @@ class CheckpointManager:
         for tmp in report.files:
             self._storage.delete_temporary(tmp)
         _dist.remove_parts(self._storage)
-        found = self._collect_garbage(dry_run=False)
+        found = self._data.collect_garbage(dry_run=False)
         report.files += found.files
         report.bytes += found.bytes
         return report
@@ -948,7 +800,7 @@ class CheckpointManager:
             )
         self._storage.delete_manifest(manifest_name(step))
         self._reader._forget(step)
-        self._collect_garbage(dry_run=False, steps=[s for s in steps if s != step])
+        self._data.collect_garbage(dry_run=False, steps=[s for s in steps if s != step])
 
     def wait_until_finished(self) -> None:
         """Block until the save in flight is committed; raise its error if it failed."""
@@ -1072,15 +924,3 @@ class CheckpointManager:
         self._check_open()
         self.wait_until_finished()
         return self._reader.verify(step)
-
-
-def _compression_option(name: str | None, level: int) -> Compression | None:
-    if name is None:
-        return None
-    if name != "zstd":
-        raise ValueError(f"compression must be 'zstd' or None, got {name!r}")
-    try:
-        import zstandard  # noqa: F401  (checked here, so a missing extra fails at once)
-    except ImportError:
-        raise ValueError("compression='zstd' needs the zstandard package: pip install 'pitstop[zstd]'") from None
-    return Compression(level=level)

@@ -42,10 +42,10 @@ def test_snapshot_buffers_are_reused_between_saves(ckdir: Path) -> None:
     state = {"w": np.zeros(1000)}
     with CheckpointManager(ckdir) as mgr:
         mgr.save(1, state)
-        first = mgr._buffers[0]
+        first = mgr._snapshots._buffers[0]
         state["w"][:] = 1
         mgr.save(2, state)
-        assert mgr._buffers[0] is first  # no new host allocation for an unchanged layout
+        assert mgr._snapshots._buffers[0] is first  # no new host allocation for an unchanged layout
         mgr.wait_until_finished()
         assert mgr.restore(step=1)[1]["w"].sum() == 0
         assert mgr.restore(step=2)[1]["w"].sum() == 1000
@@ -67,11 +67,11 @@ def test_reused_snapshot_buffers_follow_layout_changes(ckdir: Path) -> None:
     with CheckpointManager(ckdir, max_to_keep=None) as mgr:
         for step, state in enumerate(saves):
             mgr.save(step, state)
-            before = [b.copy() for b in mgr._buffers if b is not None]
+            before = [b.copy() for b in mgr._snapshots._buffers if b is not None]
             for a in state.values():
                 a[...] = -1  # training moves on while the save is written
             mgr.wait_until_finished()
-            assert [b.tolist() for b in mgr._buffers if b is not None] == [b.tolist() for b in before]
+            assert [b.tolist() for b in mgr._snapshots._buffers if b is not None] == [b.tolist() for b in before]
         for step, state in enumerate(saves):
             got = mgr.restore(step=step)[1]
             assert sorted(got) == sorted(state)

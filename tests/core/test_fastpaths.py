@@ -281,12 +281,12 @@ def test_async_snapshot_bound_blocks_instead_of_allocating(tmp_path: Path) -> No
     with pitstop.CheckpointManager(tmp_path / "c", max_snapshot_bytes=4096, max_to_keep=None, capture_rng=False) as mgr:
         mgr.save(1, small)
         assert not mgr.last_save_blocked
-        buf = mgr._buffers[0]
+        buf = mgr._snapshots._buffers[0]
         small["w"] += 1
         mgr.save(2, small)
-        assert mgr._buffers[0] is buf  # the snapshot buffer is reused
+        assert mgr._snapshots._buffers[0] is buf  # the snapshot buffer is reused
         mgr.save(3, large)
-        assert mgr.last_save_blocked and mgr._buffers == []
+        assert mgr.last_save_blocked and mgr._snapshots._buffers == []
         # a blocked save is committed when save() returns
         assert mgr.all_steps()[-1] == 3
         large["x"][:] = 5  # changing the state now cannot change step 3

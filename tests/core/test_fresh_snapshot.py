@@ -57,7 +57,7 @@ def test_flattener_marks_only_arrays_of_fresh_state_dicts() -> None:
 def test_snapshot_keeps_fresh_arrays_and_copies_the_rest(tmp_path: Path) -> None:
     with pitstop.CheckpointManager(tmp_path / "c", capture_rng=False) as mgr:
         flat = flatten_state({"o": _Owned(np.arange(4.0)), "plain": np.ones(3)})
-        snap = mgr._snapshot(flat)
+        snap = mgr._snapshots.copy(flat)
         for i, (a, b) in enumerate(zip(flat.arrays, snap.arrays, strict=True)):
             assert (a is b) == (i in flat.fresh)
             assert np.array_equal(a, b)
@@ -67,7 +67,7 @@ def test_snapshot_keeps_fresh_arrays_and_copies_the_rest(tmp_path: Path) -> None
         before = [k.copy() for k in kept]
         again = flatten_state({"o": {"scalar": np.float32(99), "v": np.full(4, 7.0)}, "plain": np.ones(3)})
         assert not again.fresh
-        mgr._snapshot(again)
+        mgr._snapshots.copy(again)
         for k, b in zip(kept, before, strict=True):
             assert np.array_equal(k, b)
 

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pitstop import CheckpointManager, _async, _manager
+from pitstop import CheckpointManager, _async, _snapshot
 from pitstop._async import copy_arrays
 
 
@@ -97,7 +97,7 @@ def test_async_snapshot_of_large_arrays_is_exact(tmp_path: Path, monkeypatch: py
     sources = _sources()
     state = {f"a{i}": s for i, s in enumerate(sources)}
     with CheckpointManager(tmp_path / "ck", max_to_keep=None) as mgr:
-        mgr._copy_threads = 3
+        mgr._snapshots._threads = 3
         expected = []
         for step in range(3):  # the first save allocates, the later ones reuse the buffers
             expected.append({k: np.array(v, copy=True) for k, v in state.items()})
@@ -119,19 +119,19 @@ def test_an_interrupted_snapshot_never_reuses_its_buffers(tmp_path: Path, monkey
     with CheckpointManager(tmp_path / "ck", max_to_keep=None) as mgr:
         mgr.save(0, state)
         mgr.wait_until_finished()
-        old = [b for b in mgr._buffers if b is not None]
+        old = [b for b in mgr._snapshots._buffers if b is not None]
 
         def interrupted(*args: Any) -> None:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(_manager, "copy_arrays", interrupted)
+        monkeypatch.setattr(_snapshot, "copy_arrays", interrupted)
         with pytest.raises(KeyboardInterrupt):
             mgr.save(1, state)
-        assert mgr._buffers == []
+        assert mgr._snapshots._buffers == []
         monkeypatch.undo()
         state["w"] += 1
         mgr.save(1, state)
         mgr.wait_until_finished()
-        assert all(b is not o for b in mgr._buffers for o in old)
+        assert all(b is not o for b in mgr._snapshots._buffers for o in old)
         assert np.array_equal(mgr.restore(step=1)[1]["w"], np.arange(1 << 19, dtype=np.float32) + 1)
         assert mgr.all_steps() == [0, 1]

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import pitstop
 from pitstop import CheckpointManager, _writer
-from pitstop._manager import _array_paths
+from pitstop._checkpoint_reader import _array_paths
 from pitstop._manifest import manifest_name
 
 from .states import CHUNK_BYTES, SMALL_BYTES, assert_state, state_for

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop import _fsspec_storage, _lease, _writer
+from pitstop import CorruptCheckpointWarning, _fsspec_storage, _lease, _writer
 from pitstop._fsspec_storage import FsspecStorage
-from pitstop._manager import CorruptCheckpointWarning
 
 from .seaweed import SECRET_KEY, SeaweedFS
 

@@ -1,0 +1,57 @@
+"""Checking what a caller hands the manager: metrics, metadata and the compression option.
+
+Design reason: a checkpoint stores metrics and metadata as JSON; anything that is not
+plain JSON (or not a number, for metrics) is refused at ``save()`` with an error naming
+it, before a byte is written, instead of failing later on the background thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ._errors import UnsupportedStateError
+from ._writer import Compression
+
+__all__ = ["clean_metadata", "clean_metrics", "compression_option"]
+
+
+def clean_metrics(metrics: Any) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, dict):
+        raise UnsupportedStateError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise UnsupportedStateError(f"metric names must be strings, got {k!r}")
+        try:
+            out[k] = float(np.asarray(v).item()) if not isinstance(v, (int, float)) else float(v)
+        except (TypeError, ValueError):
+            raise UnsupportedStateError(f"metric {k!r} is {v!r}, not a number") from None
+    return out
+
+
+def clean_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedStateError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedStateError(f"metadata must be plain JSON (no NaN): {exc}") from None
+
+
+def compression_option(name: str | None, level: int) -> Compression | None:
+    if name is None:
+        return None
+    if name != "zstd":
+        raise ValueError(f"compression must be 'zstd' or None, got {name!r}")
+    try:
+        import zstandard  # noqa: F401  (checked here, so a missing extra fails at once)
+    except ImportError:
+        raise ValueError("compression='zstd' needs the zstandard package: pip install 'pitstop[zstd]'") from None
+    return Compression(level=level)
