@@ -445,3 +445,17 @@ def test_a_malformed_saved_vocabulary_is_reported_as_corrupt(vocabulary: dict[st
     with pytest.raises(pitstop.CorruptCheckpointError, match=message):
         load_extra_state(layer, kind, {"vocabulary": vocabulary})
     assert layer.get_vocabulary() == ["[UNK]"]
+
+
+def test_a_vocabulary_size_keras_froze_is_a_state_mismatch(tmp_path: Path) -> None:
+    def counts(vocabulary: list[str]) -> Any:
+        inp = keras.Input((2,), dtype="string")
+        return keras.Model(inp, keras.layers.StringLookup(vocabulary=vocabulary, output_mode="count")(inp))
+
+    save(tmp_path / "c", {"model": counts(["a", "b", "c"])})
+    other = counts(["a"])  # called: Keras froze its output size at 2
+    with (
+        pitstop.CheckpointManager(tmp_path / "c") as mgr,
+        pytest.raises(pitstop.StateMismatchError, match=r"vocabulary of layer .*StringLookup.*4 entries.*size"),
+    ):
+        mgr.restore({"model": other})
