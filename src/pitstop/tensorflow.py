@@ -10,6 +10,11 @@ the first time a TensorFlow or Keras object appears in a state), so a state can 
   attributes Keras does not track;
 - Keras optimizers, with ``iterations`` and every slot variable — a fresh, not yet built
   optimizer is built for the model it belongs to before it is restored;
+- the state Keras saves beside a layer's variables (``save_assets`` and
+  ``save_own_variables``): ``StringLookup``/``IntegerLookup``/``TextVectorization``
+  vocabularies and TF-IDF weights, ``Discretization`` bin boundaries, and what a custom
+  ``load_own_variables`` needs (``Normalization`` recomputes its mean there); a layer whose
+  ``save_assets`` writes files is refused (see ``_keras_layers``);
 - ``tf.random.Generator`` and Keras ``SeedGenerator`` states;
 - ``tf.data`` iterators (``iter(dataset)``), through TensorFlow's own iterator
   serialization, stored as raw bytes (see ``_tf_iterator``).
@@ -37,7 +42,7 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("pitstop.tensorflow needs TensorFlow: pip install 'pitstop[tensorflow]'") from exc
 
-from ._errors import Mismatch, StateMismatchError
+from ._errors import Mismatch, StateMismatchError, UnsupportedStateError
 from ._rng import register_rng
 from ._tf_iterator import IteratorState, is_iterator
 from ._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook, state_leaves
@@ -52,6 +57,7 @@ try:
     _KerasVariable: tuple[type, ...] = (keras.Variable,)
     _Optimizer: tuple[type, ...] = (keras.optimizers.Optimizer,)
     _Seed: tuple[type, ...] = (_SeedGenerator,)
+    from ._keras_layers import extra_state, extra_template, layer_kind, load_extra_state, refresh_functions
 except ImportError:  # pragma: no cover - TensorFlow without Keras 3
     keras = None
     _Layer = _KerasVariable = _Optimizer = _Seed = ()
@@ -79,20 +85,55 @@ class _VariableState:
 
 
 class _TreeState:
-    """An object whose state is the tree of its variables (children restore in place)."""
+    """An object whose state is the tree of its variables (children restore in place).
 
-    def __init__(self, obj: Any) -> None:
+    For a Keras layer with state outside its variables (a lookup vocabulary, see
+    ``_keras_layers``), the tree also holds that state, restored by ``load_state_dict``
+    once the variables below it are: a layer nested in a model is such an object too
+    (``tree`` is then its variable subtree, walked with the model's).
+    """
+
+    def __init__(self, obj: Any, tree: dict[str, Any] | None = None) -> None:
         self.obj = obj
+        self._tree = tree
+
+    def _variables(self) -> dict[str, Any]:
+        return dict(self._tree) if self._tree is not None else object_tree(self.obj)
 
     def state_dict(self) -> dict[str, Any]:
-        return object_tree(self.obj)
+        tree = self._variables()
+        kind = layer_kind(self.obj) if isinstance(self.obj, _Layer) else None
+        return tree if kind is None else _with_extra(self.obj, tree, extra_state(self.obj, kind))
+
+    def _pitstop_restore_template(self) -> dict[str, Any]:
+        tree = self._variables()
+        kind = layer_kind(self.obj) if isinstance(self.obj, _Layer) else None
+        return tree if kind is None else _with_extra(self.obj, tree, extra_template(self.obj, kind))
 
     def load_state_dict(self, state: Any) -> None:
-        return None  # every leaf was a variable restored by its own assign()
+        # every variable below was restored by its own assign(), and nested layers first
+        if isinstance(self.obj, _Layer):
+            kind = layer_kind(self.obj)
+            if kind is not None and isinstance(state, Mapping):
+                load_extra_state(self.obj, kind, state)
+            if self._tree is None and keras is not None and isinstance(self.obj, keras.Model):
+                refresh_functions(self.obj)
+
+
+def _with_extra(layer: Any, tree: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key in extra:
+        if key in tree:
+            raise UnsupportedStateError(
+                f"cannot checkpoint layer {layer.name!r}: its attribute {key!r} holds variables or "
+                "layers, and pitstop keeps the state Keras saves outside the variables under that "
+                "name; rename the attribute"
+            )
+    return {**tree, **extra}
 
 
 def object_tree(obj: Any) -> dict[str, Any]:
-    """The variables reachable from ``obj`` as a nested dict keyed by object path.
+    """The variables reachable from ``obj`` as a nested dict keyed by object path (a Keras
+    layer with state outside its variables is a stateful object in it, see ``_TreeState``).
 
     Example:
         >>> import tensorflow as tf
@@ -115,6 +156,8 @@ def _value_tree(value: Any, seen: set[int]) -> Any:
             return None
         seen.add(id(value))
         sub = _walk(value, seen)
+        if isinstance(value, _Layer) and layer_kind(value) is not None:
+            return _TreeState(value, sub)  # its state outside the variables, even without any
         return sub or None
     if isinstance(value, (list, tuple)):
         items = {str(i): _value_tree(v, seen) for i, v in enumerate(value)}
@@ -134,6 +177,8 @@ def _walk(obj: Any, seen: set[int]) -> dict[str, Any]:
         seen.add(id(state))
         return {"state": state}
     is_layer = isinstance(obj, _Layer)
+    kind = layer_kind(obj) if is_layer else None
+    skip = _SKIP_ATTRIBUTES.union(kind.replaced) if kind is not None else _SKIP_ATTRIBUTES
     if (is_layer and type(obj).__name__ in ("Sequential", "Functional")) or (
         hasattr(obj, "_is_graph_network") and getattr(obj, "_is_graph_network", False)
     ):
@@ -154,7 +199,7 @@ def _walk(obj: Any, seen: set[int]) -> dict[str, Any]:
             out["seed_generators"] = seeds
     # public attributes: sublayers, variables, generators a user assigned (self.enc = ...)
     for name in sorted(vars(obj)):
-        if name.startswith("_") or name in _SKIP_ATTRIBUTES or name in out:
+        if name.startswith("_") or name in skip or name in out:
             continue
         sub = _value_tree(vars(obj)[name], seen)
         if sub is not None:
