@@ -28,6 +28,7 @@ from ._export import export_command, import_command
 from ._inspect import ls, show
 from ._maintain import gc, verify
 from ._plot import plot
+from ._watch import watch
 
 __all__ = ["PitstopGroup", "cli", "main"]
 
@@ -75,6 +76,7 @@ def cli() -> None:
         pitstop verify runs/exp1
         pitstop export runs/exp1 --to safetensors exp1.safetensors
         pitstop plot runs/exp1 --metric val_loss --output curves.png
+        pitstop watch runs/exp1 --json
     """
 
 
@@ -114,7 +116,7 @@ def demo(
     ctx.exit(_demo.main(directory, steps, fresh))
 
 
-for _command in (ls, show, diff, verify, gc, export_command, import_command, plot):
+for _command in (ls, show, diff, verify, gc, export_command, import_command, plot, watch):
     cli.add_command(_command)
 
 
