@@ -18,8 +18,8 @@ import time
 import numpy as np
 import xxhash
 
-from pitstop import _commit
-from pitstop._writer import CHUNK_BYTES
+from pitstop._engine._writer import CHUNK_BYTES
+from pitstop._storage import _durable as _commit
 
 
 def main() -> None:

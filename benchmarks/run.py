@@ -494,7 +494,7 @@ def raw_write_files_threaded(directory: str, arrays: Sequence[np.ndarray], threa
 
 def _pitstop_threads() -> int:
     """The IO thread count pitstop's manager picks by default on this machine."""
-    from pitstop import _manager
+    from pitstop._manager._manager import _manager
 
     fn = getattr(_manager, "_default_threads", None)
     return int(fn()) if callable(fn) else max(4, min(16, 4 * (os.cpu_count() or 1)))

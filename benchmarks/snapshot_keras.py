@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import pitstop
-from pitstop import _tree
+from pitstop._state import _tree
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import xxhash
 import zstandard
 
 import pitstop
-import pitstop._writer
+import pitstop._engine._writer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "format.md"
 
@@ -473,7 +473,7 @@ SMALL_SIZES = {"SMALL_BYTES": 256, "CHUNK_BYTES": 1024, "PACK_BYTES": 512, "BATC
 def small_sizes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Tiny piece sizes so that a few KiB give several chunks and several packs."""
     for name, value in SMALL_SIZES.items():
-        monkeypatch.setattr(pitstop._writer, name, value)
+        monkeypatch.setattr(pitstop._engine._writer, name, value)
     return SMALL_SIZES
 
 
@@ -899,7 +899,7 @@ FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
 def both_readers(data: bytes) -> tuple[bool, bool]:
     """Whether the spec reader and pitstop's own parser accept ``data`` (as step 7)."""
     from pitstop._errors import CorruptCheckpointError
-    from pitstop._manifest import decode_manifest
+    from pitstop._format._manifest import decode_manifest
 
     try:
         parse_manifest(data, 7)
@@ -953,7 +953,7 @@ def test_invalid_envelope_is_refused_by_spec_and_implementation(base_manifest: b
 
 def test_dtype_whitelist_matches_the_document() -> None:
     """The dtype table of §7 lists exactly the names pitstop accepts, with these dtypes."""
-    from pitstop._dtypes import dtype_from_name
+    from pitstop._format._dtypes import dtype_from_name
 
     doc = DOC.read_text(encoding="utf-8")
     for name, dt in DTYPES.items():

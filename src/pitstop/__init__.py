@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-from ._checkpoint_reader import CheckpointReader
 from ._errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -30,7 +29,7 @@ from ._errors import (
     StorageError,
     UnsupportedStateError,
 )
-from ._manager import (
+from ._manager._manager import (
     CheckpointManager,
     CorruptCheckpointWarning,
     GcReport,
@@ -39,11 +38,22 @@ from ._manager import (
     RestoreReport,
     StartStep,
 )
-from ._oneoff import restore, save
-from ._policy import PolicyChangedWarning
-from ._tree import Stateful
+from ._manager._oneoff import restore, save
+from ._manager._policy import PolicyChangedWarning
+from ._manager._reader import CheckpointReader
+from ._state._tree import Stateful
+from ._state._tree import register_lazy_adapter as _register_lazy_adapter
+from ._version import __version__
 
-__version__ = "0.1.0"
+# The framework adapters, imported on first use (``import pitstop`` loads no framework).
+for _framework, _adapter in (
+    ("tensorflow", "pitstop.tensorflow"),
+    ("keras", "pitstop.tensorflow"),
+    ("tf_keras", "pitstop.tensorflow"),
+    ("torch", "pitstop.torch"),
+):
+    _register_lazy_adapter(_framework, _adapter)
+del _framework, _adapter
 
 __all__ = [
     "CheckpointError",

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ._manager import CheckpointManager
+from ._manager._manager import CheckpointManager
 
 __all__ = ["main"]
 

@@ -111,7 +111,7 @@ def main(directory: str | None, epochs: int | None, fresh: bool) -> int:
 
     from rich.console import Console
 
-    from ._manager import CheckpointManager
+    from ._manager._manager import CheckpointManager
 
     console = Console()
     epochs = epochs or EPOCHS

@@ -30,24 +30,35 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from ._engine._writer import Compression, DedupIndex, SaveStats, _versions, write_checkpoint
 from ._errors import CheckpointError, CorruptCheckpointError, StateMismatchError
-from ._manifest import ArrayEntry, ArrayTable, Manifest, Segment, decode_manifest, encode_manifest, manifest_name
+from ._format._manifest import (
+    ArrayEntry,
+    ArrayTable,
+    Manifest,
+    Segment,
+    decode_manifest,
+    encode_manifest,
+    manifest_name,
+)
+from ._state._tree import FlatState, display_path, walk_nodes
 from ._storage import Storage
-from ._tree import FlatState, display_path, walk_nodes
-from ._writer import Compression, DedupIndex, SaveStats, _versions, write_checkpoint
+
+T = TypeVar("T")
 
 __all__ = [
     "PER_RANK_TYPE",
     "Coordinator",
     "PerRank",
     "is_part_name",
+    "Agreed",
+    "agree",
     "merge_parts",
     "part_name",
     "rank_context",
@@ -60,9 +71,6 @@ _PART_FORMAT = "pitstop-part/1"
 _PART_INFIX = ".part-"
 
 _RANK: ContextVar[int] = ContextVar("pitstop_rank", default=0)
-#: The chief's own part of the save in flight (step, JSON), by storage: the chief merges in
-#: the process that wrote it, so it is kept in memory instead of written and read back.
-_CHIEF_PARTS: weakref.WeakKeyDictionary[Any, tuple[int, bytes]] = weakref.WeakKeyDictionary()
 
 
 @runtime_checkable
@@ -187,21 +195,6 @@ def _skeleton(node: dict[str, Any] | None) -> Any:
     return node
 
 
-class _CapturingStorage:
-    """The real storage, except that the manifest is handed back instead of published."""
-
-    def __init__(self, inner: Storage) -> None:
-        self._inner = inner
-        self.location = inner.location
-        self.manifest: bytes | None = None
-
-    def publish_manifest(self, name: str, data: bytes) -> None:
-        self.manifest = data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 def _entry_out(e: ArrayEntry) -> list[Any]:
     return [e.dtype, list(e.shape), [list(s) for s in e.segments]]
 
@@ -221,15 +214,15 @@ def write_part(
     world_size: int,
     index: DedupIndex,
     compression: Compression | None = None,
-) -> tuple[Manifest, SaveStats]:
+) -> tuple[Manifest, SaveStats, bytes | None]:
     """Write the arrays rank ``rank`` owns, then its part file (see module docstring).
 
     Returns:
-        A manifest of just the arrays written (to extend the rank's dedup index) and
-        what writing them cost.
+        A manifest of just the arrays written (to extend the rank's dedup index), what
+        writing them cost, and on the chief (rank 0) its own part, which it hands to
+        :func:`merge_parts` instead of writing it (it merges in this process: that saves a
+        durable write, a read and a delete on the path every rank waits on).
     """
-    if rank == 0:
-        _CHIEF_PARTS.pop(storage, None)
     replicated: list[int] = []
     ranked: list[int] = []
     _split(flat.tree, replicated, ranked)
@@ -242,9 +235,8 @@ def write_part(
         [flat.arrays[i] for i in owned],
         [flat.paths[i] for i in owned],
     )
-    capture = _CapturingStorage(storage)
-    written, stats = write_checkpoint(
-        cast(Storage, capture),
+    written, _, stats = write_checkpoint(  # the part's own manifest is never published
+        storage,
         pool,
         step=step,
         flat=sub,
@@ -252,8 +244,7 @@ def write_part(
         metadata={},
         index=index,
         compression=compression,
-    )  # the storage is the real one except for publish_manifest (duck-typed, see the class)
-    assert capture.manifest is not None
+    )
     local = {i: e for i, e in zip(owned, written.arrays, strict=True)}
     ordinal = {i: k for k, i in enumerate(replicated)}
     part = {
@@ -270,14 +261,11 @@ def write_part(
     }
     data = json.dumps(part, separators=(",", ":"), allow_nan=False).encode()
     if rank == 0:
-        # the chief merges in this process: its part never needs to reach the storage
-        # (saves a durable write, a read and a delete on the path every rank waits on)
-        _CHIEF_PARTS[storage] = (step, data)
-        return written, stats
+        return written, stats, data
     name = part_name(step, rank)
     storage.delete_manifest(name)  # a leftover of a crashed attempt at this step
     storage.publish_manifest(name, data)
-    return written, stats
+    return written, stats, None
 
 
 # -- the chief's merge ------------------------------------------------------------------
@@ -295,12 +283,12 @@ class _Part:
     per_rank_nodes: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _read_part(storage: Storage, step: int, rank: int, world_size: int) -> _Part:
+def _read_part(storage: Storage, step: int, rank: int, world_size: int, kept: bytes | None = None) -> _Part:
+    """Rank ``rank``'s part of ``step``: ``kept`` (the chief's own, in memory) or its file."""
     name = part_name(step, rank)
     where = f"{storage.location}/manifests/{name}"
-    kept = _CHIEF_PARTS.pop(storage, None) if rank == 0 else None
     try:
-        raw = json.loads(kept[1] if kept is not None and kept[0] == step else storage.read_manifest(name))
+        raw = json.loads(kept if kept is not None else storage.read_manifest(name))
         if raw.get("format") != _PART_FORMAT or raw["step"] != step or raw["rank"] != rank:
             raise ValueError(f"it is not rank {rank}'s part of step {step}")
         if raw["world_size"] != world_size:
@@ -350,6 +338,7 @@ def merge_parts(
     world_size: int,
     metrics: dict[str, float],
     metadata: dict[str, Any],
+    chief_part: bytes | None = None,
 ) -> Manifest:
     """Read every rank's part of ``step`` and build the one manifest the chief commits.
 
@@ -357,7 +346,7 @@ def merge_parts(
         StateMismatchError: the ranks' replicated states differ in structure or shapes.
         CheckpointError: a rank's part is missing; CorruptCheckpointError: unreadable.
     """
-    parts = [_read_part(storage, step, r, world_size) for r in range(world_size)]
+    parts = [_read_part(storage, step, r, world_size, chief_part if r == 0 else None) for r in range(world_size)]
     chief = parts[0]
     for p in parts[1:]:
         for root in ("tree", "rng"):
@@ -551,6 +540,37 @@ def absent_message(where: str, step: int, rank: int, world_size: int, absent: di
         f"of {world_size}: {items}. Restore with the number of ranks it was saved with, leave the "
         "PerRank values out of the state to restore only the replicated state, or pass strict=False."
     )
+
+
+@dataclass
+class Agreed(Generic[T]):
+    """What :func:`agree` found: this rank's result or error, and what all ranks agree on."""
+
+    result: T | None
+    error: BaseException | None
+    #: whether any rank's step failed (this one's included)
+    failed: bool
+    #: the maximum over the ranks of each of the ``values``
+    maxima: list[int]
+
+
+def agree(
+    coordinator: Coordinator, local: Callable[[], T], values: Callable[[T | None], Sequence[int]] = lambda _: ()
+) -> Agreed[T]:
+    """Run ``local()`` on this rank, then agree with every rank in one collective on whether
+    any failed and on the maxima of ``values(result)`` (``values(None)`` after a failure:
+    every rank contributes as many). Every rank must call it the same number of times, so
+    a failure never skips the collective: the caller decides what to raise, knowing what
+    every rank knows."""
+    result: T | None = None
+    error: BaseException | None = None
+    try:
+        result = local()
+    except Exception as exc:  # every rank must reach the collective
+        error = exc
+    extra = list(values(result if error is None else None))
+    out = coordinator.all_max([int(error is not None), *extra])
+    return Agreed(result, error, bool(out[0]), list(out[1:]))
 
 
 def check_same(coordinator: Coordinator, values: Sequence[int]) -> bool:

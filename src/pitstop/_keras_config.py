@@ -19,16 +19,15 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import keras
 from keras.src.saving.serialization_lib import SafeModeScope
 
-from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from ._manager import CheckpointManager, CorruptCheckpointWarning, describer, mismatch_message
-from ._manifest import Manifest, manifest_name
-from ._reader import read_arrays
-from ._tree import PathT, display_path, plan_restore, rename_hints, run_restore_hooks, walk_nodes
+from ._errors import CheckpointError, CorruptCheckpointError, StateMismatchError
+from ._format._manifest import Manifest, manifest_name
+from ._manager._reader import CheckpointReader, mismatch_message
+from ._state._tree import PathT, display_path, plan_restore, rename_hints, run_restore_hooks, walk_nodes
 
 __all__ = ["ModelConfigError", "load_model", "model_config"]
 
@@ -214,7 +213,7 @@ def _dict_body(node: dict[str, Any]) -> dict[str, Any]:
     return body  # type: ignore[no-any-return]
 
 
-def _load_from(mgr: CheckpointManager, step: int, key: str | None) -> Any:
+def _load_from(mgr: CheckpointReader, step: int, key: str | None) -> Any:
     m = mgr.manifest(step)
     where = f"{mgr.directory}/manifests/{manifest_name(step)}"
     models, optimizers = _model_nodes(m)
@@ -249,14 +248,14 @@ def _load_from(mgr: CheckpointManager, step: int, key: str | None) -> Any:
         )
         err.args = (err.message,)
         raise err
-    arrays = read_arrays(mgr._storage, m, dict(plan.reads), mgr._pool, describer(m), where)
+    arrays = mgr.read_arrays(step, dict(plan.reads))
     plan.execute(arrays)
     return model
 
 
 def load_model(
     directory: str | os.PathLike[str],
-    step: int | None = None,
+    step: int | Literal["latest", "best"] | None = None,
     *,
     key: str | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -273,7 +272,8 @@ def load_model(
 
     Args:
         directory: The checkpoint directory (path or fsspec URL), or a one-off checkpoint.
-        step: The step to load; ``None``: the newest valid checkpoint.
+        step: The step to load; ``None`` or ``"latest"``: the newest valid checkpoint;
+            ``"best"``: the best by the directory's recorded ``best_metric``.
         key: The model's path in the state (``"encoder"``, ``"nets/encoder"``); ``None``: the
             only model in the checkpoint.
         storage_options: Passed to fsspec for URLs.
@@ -294,23 +294,8 @@ def load_model(
     """
     if key is not None and not isinstance(key, str):
         raise TypeError(f"key must be a str (the model's path in the state), got {type(key).__name__}")
-    with CheckpointManager(directory, async_save=False, capture_rng=False, storage_options=storage_options) as mgr:
-        if step is not None:
-            return _load_from(mgr, int(step), key)
-        steps = mgr.all_steps()
-        if not steps:
-            raise CheckpointNotFoundError(f"no checkpoint in {mgr.directory}: nothing has been saved there yet",
-                                          path=mgr.directory)  # fmt: skip
-        problems = []
-        for s in reversed(steps):
-            try:
-                return _load_from(mgr, s, key)
-            except CorruptCheckpointError as exc:
-                problems.append(f"step {s}: {exc}")
-                warnings.warn(f"skipping checkpoint step {s} in {mgr.directory}: {exc}", CorruptCheckpointWarning,
-                              stacklevel=2)  # fmt: skip
-        raise CorruptCheckpointError(
-            f"every checkpoint in {mgr.directory} is corrupt ({len(problems)} tried); run `pitstop verify`",
-            path=mgr.directory,
-            problems=problems,
-        )
+    with CheckpointReader(directory, storage_options=storage_options) as reader:
+        chosen = reader._step_arg(step)
+        if chosen is not None:
+            return _load_from(reader, chosen, key)
+        return reader.newest_valid(lambda s: _load_from(reader, s, key))[1]

@@ -41,9 +41,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ._dtypes import name_of, storage_dtype
 from ._errors import CorruptCheckpointError, StateMismatchError, UnsupportedStateError
-from ._tree import OPTIONAL
+from ._format._dtypes import name_of, storage_dtype
+from ._state._tree import OPTIONAL
 
 __all__ = ["LayerKind", "extra_state", "extra_template", "layer_kind", "load_extra_state", "refresh_functions"]
 

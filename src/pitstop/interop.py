@@ -31,7 +31,8 @@ from typing import Any, Literal, get_args
 from ._errors import CheckpointError, CheckpointExistsError
 from ._interop._source import read_source, staged_output
 from ._interop._types import ExportResult, ImportResult, InteropError
-from ._manager import CheckpointManager
+from ._manager._manager import CheckpointManager
+from ._manager._reader import CheckpointReader
 
 __all__ = ["ExportResult", "FORMATS", "Format", "ImportResult", "InteropError", "export", "import_tf_checkpoint"]
 
@@ -48,7 +49,7 @@ def export(
     out: str,
     *,
     to: Format,
-    step: int | None = None,
+    step: int | Literal["latest", "best"] | None = None,
     key: str | None = None,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -96,8 +97,8 @@ def export(
     """
     if to not in FORMATS:
         raise InteropError(f"unknown export format {to!r}: choose one of {', '.join(FORMATS)}", path=directory)
-    if step is not None and (type(step) is not int or step < 0):
-        raise InteropError(f"step must be an int >= 0 or None, got {step!r}", path=directory)
+    if step is not None and step not in ("latest", "best") and (type(step) is not int or step < 0):
+        raise InteropError(f"step must be an int >= 0, 'latest', 'best' or None, got {step!r}", path=directory)
     if to == "keras" and not out.endswith(".keras"):
         raise InteropError(f"a Keras file must end in .keras (Keras refuses other names): got {out!r}", path=out)
     _check_extra(to)
@@ -214,7 +215,7 @@ def import_tf_checkpoint(
 
 def _recorded_policy(directory: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether the newest readable checkpoint of ``directory`` records a retention policy."""
-    with CheckpointManager(directory, capture_rng=False, storage_options=storage_options) as probe:
+    with CheckpointReader(directory, storage_options=storage_options) as probe:
         for step in reversed(probe.all_steps()):
             try:
                 return probe.manifest(step).policy is not None

@@ -35,7 +35,7 @@ import tensorflow as tf
 from . import tensorflow as _tf_adapter  # registers the TensorFlow/Keras adapter
 from ._errors import CheckpointError
 from ._keras_config import ModelConfigError, load_model
-from ._manager import CheckpointManager, PartialRestoreWarning
+from ._manager._manager import CheckpointManager, PartialRestoreWarning
 from .data import DataOrder
 from .data._tf import batching, consume
 

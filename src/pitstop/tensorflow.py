@@ -43,9 +43,9 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
     raise ImportError("pitstop.tensorflow needs TensorFlow: pip install 'pitstop[tensorflow]'") from exc
 
 from ._errors import Mismatch, StateMismatchError, UnsupportedStateError
-from ._rng import register_rng
+from ._state._rng import register_rng
+from ._state._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook, state_leaves
 from ._tf_iterator import IteratorState, is_iterator
-from ._tree import OPTIONAL, Stateful, register_adapter, register_restore_hook, state_leaves
 
 __all__ = ["object_tree"]
 

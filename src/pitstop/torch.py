@@ -39,8 +39,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
     raise ImportError("pitstop.torch needs PyTorch: pip install 'pitstop[torch]'") from exc
 
 from ._errors import Mismatch, StateMismatchError, UnsupportedStateError
-from ._rng import register_rng
-from ._tree import Stateful, describe_array, register_adapter, register_restore_hook, state_leaves
+from ._state._rng import register_rng
+from ._state._tree import Stateful, describe_array, register_adapter, register_restore_hook, state_leaves
 
 __all__ = ["tensor_to_numpy"]
 

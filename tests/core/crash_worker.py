@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import pitstop
-from pitstop import _writer
+from pitstop._engine import _writer
 
 
 def state_for(step: int) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def test_async_snapshot_copies_the_raw_data_of_array_subclasses(ckdir: Path) -> 
 
 
 def test_background_failure_surfaces_on_next_call(ckdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pitstop import _commit
+    from pitstop._storage import _durable as _commit
 
     original = _commit._write_all
     fail = {"on": False}

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import pitstop
-import pitstop._commit
-import pitstop._reader
-import pitstop._writer
+import pitstop._engine._reader
+import pitstop._engine._writer
+import pitstop._storage._durable
 from pitstop._storage import LocalStorage
 
 
@@ -27,10 +27,10 @@ from pitstop._storage import LocalStorage
 def tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Arrays over 8 KiB are chunked in 16 KiB chunks; packs close at 32 KiB; small pieces
     are hashed and laid out in batches of 48 KiB."""
-    monkeypatch.setattr(pitstop._writer, "SMALL_BYTES", 8 << 10)
-    monkeypatch.setattr(pitstop._writer, "CHUNK_BYTES", 16 << 10)
-    monkeypatch.setattr(pitstop._writer, "PACK_BYTES", 32 << 10)
-    monkeypatch.setattr(pitstop._writer, "BATCH_BYTES", 48 << 10)
+    monkeypatch.setattr(pitstop._engine._writer, "SMALL_BYTES", 8 << 10)
+    monkeypatch.setattr(pitstop._engine._writer, "CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(pitstop._engine._writer, "PACK_BYTES", 32 << 10)
+    monkeypatch.setattr(pitstop._engine._writer, "BATCH_BYTES", 48 << 10)
 
 
 def make_state(seed: int = 0) -> dict[str, Any]:
@@ -170,7 +170,7 @@ def counting_manager(path: Path) -> tuple[pitstop.CheckpointManager, CountingSto
 def test_partial_restore_reads_only_the_needed_bytes(
     tmp_path: Path, tiny_pieces: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pitstop._reader, "_GAP_LIMIT", 0)  # no read-ahead within a pack
+    monkeypatch.setattr(pitstop._engine._reader, "_GAP_LIMIT", 0)  # no read-ahead within a pack
     state = make_state()
     pitstop.save(tmp_path / "c", state)
     mgr, storage = counting_manager(tmp_path / "c")
@@ -330,7 +330,7 @@ def test_short_writes_cut_bytes_of_any_array(tmp_path: Path, monkeypatch: pytest
     int4 arrays are resumed byte-exactly (a resumed buffer is cut in bytes, not rows)."""
     import ml_dtypes
 
-    real = pitstop._commit.os.writev
+    real = pitstop._storage._durable.os.writev
 
     def stingy(fd: int, buffers: Any) -> int:
         return real(fd, [memoryview(np.frombuffer(buffers[0], np.uint8))[:10]])
@@ -341,10 +341,10 @@ def test_short_writes_cut_bytes_of_any_array(tmp_path: Path, monkeypatch: pytest
         "bf16": np.arange(30, dtype=np.float32).reshape(5, 6).astype(ml_dtypes.bfloat16),
         "int4": np.arange(-8, 8, dtype=np.int8).reshape(4, 4).astype(ml_dtypes.int4),
     }
-    monkeypatch.setattr(pitstop._commit.os, "writev", stingy)
+    monkeypatch.setattr(pitstop._storage._durable.os, "writev", stingy)
     with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False) as mgr:
         mgr.save(1, state)
-        monkeypatch.setattr(pitstop._commit.os, "writev", real)
+        monkeypatch.setattr(pitstop._storage._durable.os, "writev", real)
         assert mgr.verify() == [1]
         got = mgr.restore(step=1)[1]
     for k, v in state.items():
@@ -353,7 +353,7 @@ def test_short_writes_cut_bytes_of_any_array(tmp_path: Path, monkeypatch: pytest
 
 def test_zstd_samples_the_middle_of_any_small_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An incompressible 1 MiB 2-D float32 array costs one 64 KiB trial, not a full pass."""
-    real = pitstop._writer._compressor
+    real = pitstop._engine._writer._compressor
     offered: list[int] = []
 
     class Spy:
@@ -365,13 +365,13 @@ def test_zstd_samples_the_middle_of_any_small_array(tmp_path: Path, monkeypatch:
             out: bytes = self.c.compress(data)
             return out
 
-    monkeypatch.setattr(pitstop._writer, "_compressor", lambda level: Spy(real(level)))
+    monkeypatch.setattr(pitstop._engine._writer, "_compressor", lambda level: Spy(real(level)))
     rng = np.random.default_rng(0)
     state = {f"w{i}": rng.standard_normal((512, 512)).astype(np.float32) for i in range(4)}
     with pitstop.CheckpointManager(tmp_path / "c", async_save=False, capture_rng=False, compression="zstd") as mgr:
         mgr.save(1, state)
         assert_same(mgr.restore(step=1)[1], state)
-    assert offered == [pitstop._writer.SAMPLE_BYTES] * 4
+    assert offered == [pitstop._engine._writer.SAMPLE_BYTES] * 4
 
 
 def test_fresh_arrays_of_equal_bytes_do_not_share_memory(tmp_path: Path) -> None:

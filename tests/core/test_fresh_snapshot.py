@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop._tree import flatten_state
+from pitstop._state._tree import flatten_state
 
 
 class _Owned:

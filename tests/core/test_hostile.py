@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pitstop
-from pitstop._manifest import checksum, decode_manifest
+from pitstop._format._manifest import checksum, decode_manifest
 
 NAME = "00000000000000000001.json"
 

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pitstop
-from pitstop import _manifest
-from pitstop._manifest import checksum, decode_manifest
+from pitstop._format import _manifest
+from pitstop._format._manifest import checksum, decode_manifest
 
 NAME = "00000000000000000000.json"
 

@@ -12,8 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pitstop import CheckpointManager, _async, _snapshot
-from pitstop._async import copy_arrays
+from pitstop import CheckpointManager
+from pitstop._engine import _async, _snapshot
+from pitstop._engine._async import copy_arrays
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 import pitstop
 from pitstop import CheckpointManager
-from pitstop._manifest import manifest_name
+from pitstop._format._manifest import manifest_name
 
 
 def state(step: int) -> dict[str, Any]:

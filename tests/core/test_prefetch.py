@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop import _reader
+from pitstop._engine import _reader
 from pitstop._storage import LocalStorage
 
 

@@ -109,7 +109,7 @@ def test_big_endian_and_non_contiguous_inputs(tmp_path: Path) -> None:
 
 
 def test_large_array_is_chunked_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pitstop import _writer
+    from pitstop._engine import _writer
 
     monkeypatch.setattr(_writer, "SMALL_BYTES", 1024)
     monkeypatch.setattr(_writer, "CHUNK_BYTES", 4096)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pitstop import _writer
+from pitstop._engine import _writer
 
 from .faults import FaultInjector
 from .states import CHUNK_BYTES, SMALL_BYTES

@@ -1,6 +1,6 @@
 """A fault-injecting layer under pitstop's storage boundary, for tests.
 
-:class:`FaultInjector` wraps the ``os`` functions that ``pitstop._commit`` and
+:class:`FaultInjector` wraps the ``os`` functions that ``pitstop._storage._durable`` and
 ``pitstop._storage`` call (and the ``open`` that reads manifests) so that a chosen call
 on a chosen path fails with a chosen ``errno`` — or, for ``writev``/``preadv``, transfers
 only part of the bytes (a short write or read, which the code must resume). Everything
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pitstop import _storage
+from pitstop._storage import _local as _storage
 
 #: The operations that can be made to fail, and the ``os`` function each wraps.
 OPS = (

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pitstop import _writer
+from pitstop._engine import _writer
 
 #: Piece sizes that turn small test arrays into several chunk objects and a pack.
 SMALL_BYTES = 4096

@@ -27,9 +27,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pitstop
-from pitstop import CheckpointManager, _writer
-from pitstop._checkpoint_reader import _array_paths
-from pitstop._manifest import manifest_name
+from pitstop import CheckpointManager
+from pitstop._engine import _writer
+from pitstop._format._manifest import manifest_name
+from pitstop._manager._reader import _array_paths
 
 from .states import CHUNK_BYTES, SMALL_BYTES, assert_state, state_for
 

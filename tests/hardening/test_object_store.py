@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop import CheckpointManager, _lease
+from pitstop import CheckpointManager
+from pitstop._storage import _lease
 
 
 @pytest.fixture

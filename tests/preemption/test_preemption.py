@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop._preempt import parse_signals
+from pitstop._manager._preempt import parse_signals
 
 TRAINER = Path(__file__).with_name("trainer.py")
 

@@ -11,7 +11,7 @@ import os
 import sys
 
 import pitstop
-from pitstop import _writer
+from pitstop._engine import _writer
 from tests.core.crash_worker import state_for
 
 

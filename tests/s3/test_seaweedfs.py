@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop import CorruptCheckpointWarning, _fsspec_storage, _lease, _writer
-from pitstop._fsspec_storage import FsspecStorage
+from pitstop import CorruptCheckpointWarning
+from pitstop._engine import _writer
+from pitstop._storage import _fsspec as _fsspec_storage
+from pitstop._storage import _lease
+from pitstop._storage._fsspec import FsspecStorage
 
 from .seaweed import SECRET_KEY, SeaweedFS
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from .. import __version__
 from .._errors import CheckpointError
-from .._manager import CorruptCheckpointWarning, PartialRestoreWarning
+from .._manager._manager import CorruptCheckpointWarning, PartialRestoreWarning
+from .._version import __version__
 from ._common import CliError, err_console, one_line
 from ._diff import diff
 from ._export import export_command, import_command

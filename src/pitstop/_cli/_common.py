@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from .._commit import MANIFEST_DIR
 from .._errors import CheckpointNotFoundError
-from .._manager import CheckpointManager
-from .._manifest import Manifest
-from .._tree import display_path, walk_nodes
+from .._format._manifest import Manifest
+from .._manager._manager import CheckpointManager
+from .._state._tree import display_path, walk_nodes
+from .._storage._durable import MANIFEST_DIR
 
 __all__ = [
     "ArrayInfo",
@@ -163,7 +163,7 @@ def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
         except ImportError as exc:
             raise CliError(f"cannot open {location}: {exc}") from exc
         except Exception as exc:  # fsspec backends raise many kinds: name it and go on
-            from .._fsspec_storage import redact
+            from .._storage._fsspec import redact
 
             raise CliError(redact(f"cannot open {location}: {type(exc).__name__}: {exc}", storage_options)) from exc
         if not found:

@@ -21,7 +21,7 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-from .._tree import display_path
+from .._state._tree import display_path
 from ._common import (
     CliError,
     emit_json,

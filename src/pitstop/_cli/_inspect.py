@@ -19,8 +19,8 @@ from rich.text import Text
 from rich.tree import Tree
 
 from .._errors import CheckpointNotFoundError, CorruptCheckpointError
-from .._manager import CheckpointManager
-from .._manifest import Manifest
+from .._format._manifest import Manifest
+from .._manager._manager import CheckpointManager
 from ._common import (
     emit_json,
     fmt_bytes,

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .._checkpoint_reader import CheckpointReader
 from .._errors import CheckpointError
+from .._manager._reader import CheckpointReader
 from ._common import fmt_metric, fmt_time, iso_time, json_float, json_option, storage_options_option
 
 __all__ = ["watch"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ._source import Source, check_unsupported, leaves
 from ._types import missing_extra
 

@@ -21,15 +21,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .._errors import StorageError
-from .._manager import CheckpointManager
-from .._manifest import Manifest
+from .._format._manifest import Manifest
+from .._manager._reader import CheckpointReader
+from .._state._tree import PathT, display_path
 from .._storage import translate_errors
-from .._tree import PathT, display_path
 from ._types import InteropError
 
 __all__ = [
@@ -73,7 +73,12 @@ class Source:
         return f"step {self.step} of {self.directory}{at}"
 
 
-def read_source(directory: str, step: int | None, key: str | None, storage_options: dict[str, Any] | None) -> Source:
+def read_source(
+    directory: str,
+    step: int | Literal["latest", "best"] | None,
+    key: str | None,
+    storage_options: dict[str, Any] | None,
+) -> Source:
     """Read checkpoint ``step`` (``None``: the newest valid one) of ``directory``, and its ``key`` subtree.
 
     Raises:
@@ -81,9 +86,7 @@ def read_source(directory: str, step: int | None, key: str | None, storage_optio
         CorruptCheckpointError: the checkpoint failed validation.
         InteropError: ``key`` names no entry.
     """
-    with CheckpointManager(
-        directory, max_to_keep=None, async_save=False, capture_rng=False, storage_options=storage_options
-    ) as mgr:
+    with CheckpointReader(directory, storage_options=storage_options) as mgr:
         found, tree = mgr.restore(step=step)
         m = mgr.manifest(found)
         name = mgr.directory

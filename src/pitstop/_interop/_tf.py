@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from .._dtypes import is_storable
 from .._errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -33,7 +32,8 @@ from .._errors import (
     StateMismatchError,
     StorageError,
 )
-from .._tree import display_path
+from .._format._dtypes import is_storable
+from .._state._tree import display_path
 from ._source import Source, check_unsupported, object_type
 from ._types import InteropError, missing_extra
 
@@ -419,7 +419,7 @@ def restore_into(state: Any, prefix: str) -> tuple[int | None, list[str]]:
     from .. import tensorflow as _adapter  # registers the TF adapter and the optimizer-building hook
 
     del _adapter
-    from .._tree import run_restore_hooks
+    from .._state._tree import run_restore_hooks
 
     trackables: dict[str, Any] = {}
     plain: list[str] = []

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .._state._tree import FlatState
 from ._async import copy_arrays
-from ._tree import FlatState
 
 __all__ = ["SnapshotBuffers"]
 

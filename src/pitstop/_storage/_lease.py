@@ -27,7 +27,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._errors import DirectoryLockedError
+from .._errors import DirectoryLockedError
+from ._protocol import alive
 
 __all__ = ["LEASE_SECONDS", "RENEW_FRACTION", "Lease", "LeaseIO", "PreconditionFailedError"]
 
@@ -85,17 +86,7 @@ class _Record:
         """Whether this holder still excludes others: unexpired, and not a dead local process."""
         if self.expires <= now:
             return False
-        return self.host != socket.gethostname()[:100] or _alive(self.pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
+        return self.host != socket.gethostname()[:100] or alive(self.pid)
 
 
 class Lease:

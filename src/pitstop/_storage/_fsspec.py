@@ -16,7 +16,7 @@ parts above it. Every fsspec/botocore error is
 translated here, in :meth:`FsspecStorage._errors`, into a :class:`StorageError` whose
 message never contains a secret from the storage options or the environment.
 
-The single-writer lock is a renewed lease object (``pitstop._lease``).
+The single-writer lock is a renewed lease object (``pitstop._storage._lease``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any
 
 import fsspec
 
-from . import _commit
-from ._commit import Buffer
-from ._errors import CheckpointError, StorageError
+from .._errors import CheckpointError, StorageError
+from . import _durable as _commit
+from ._durable import Buffer
 from ._lease import Lease, PreconditionFailedError
-from ._storage import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
+from ._protocol import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
 
 __all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "PART_CONCURRENCY", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
 
@@ -395,7 +395,7 @@ class FsspecStorage:
 
     # -- the writer lease ---------------------------------------------------------------------
     def lock(self) -> WriterLock:
-        """Take the renewed writer lease (``pitstop._lease``); refused while another holds it."""
+        """Take the renewed writer lease (``pitstop._storage._lease``); refused while another holds it."""
         path = self._path(LOCK_NAME)
         lease = Lease(self, path)
         with self._errors("locking", path):

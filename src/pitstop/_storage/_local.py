@@ -1,16 +1,10 @@
-"""Where checkpoint bytes live: the storage protocol and the local-disk backend.
-
-The store above talks to a :class:`Storage` in terms of the checkpoint layout (manifests,
-content-addressed objects, temporaries, the writer lock), never in terms of raw paths, so
-a backend for another filesystem only has to provide these few verbs with the same
-guarantees. This module is also the single boundary where ``OSError`` becomes
-:class:`~pitstop.StorageError` (see :func:`translate_errors`).
+"""The local-disk (POSIX) storage backend: fsync'd writes, an ``flock`` writer lock,
+``preadv`` straight into the caller's arrays, read-ahead advice and memory maps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import mmap
@@ -18,45 +12,26 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
-from . import _commit
-from ._commit import Buffer
-from ._errors import DirectoryLockedError, StorageError
+from .._errors import DirectoryLockedError, StorageError
+from . import _durable as _commit
+from ._durable import Buffer
+from ._protocol import (
+    LOCK_NAME,
+    MAX_MANIFEST_BYTES,
+    MissingFileError,
+    ShortReadError,
+    WriterLock,
+    alive,
+    translate_errors,
+)
 
-__all__ = [
-    "LocalStorage",
-    "MissingFileError",
-    "ShortReadError",
-    "Storage",
-    "WriterLock",
-    "open_storage",
-    "translate_errors",
-]
+__all__ = ["LocalStorage"]
 
-LOCK_NAME = "writer.lock"
 # O_NONBLOCK: a FIFO or device planted among the objects opens at once (and then reads
 # short) instead of blocking the restore; reads of regular files ignore the flag.
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-MAX_MANIFEST_BYTES = 1 << 30
-
-_HINTS = {
-    errno.ENOSPC: "the disk is full: free space or lower max_to_keep",
-    errno.EDQUOT: "the disk quota is exhausted: free space or lower max_to_keep",
-    errno.EACCES: "permission denied: check the directory's owner and mode",
-    errno.EPERM: "operation not permitted: check the directory's owner and mode",
-    errno.EROFS: "the filesystem is read-only: choose a writable checkpoint directory",
-    errno.EIO: "an I/O error from the device: check the disk or storage service",
-}
-
-
-class MissingFileError(StorageError, FileNotFoundError):
-    """A file the checkpoint refers to does not exist (the reader reports it as corrupt)."""
-
-
-class ShortReadError(StorageError):
-    """A file ends before the bytes the checkpoint refers to (the reader reports it as corrupt)."""
 
 
 def _open_object(path: str) -> int:
@@ -72,55 +47,6 @@ def _open_object(path: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-@contextlib.contextmanager
-def translate_errors(action: str, path: str) -> Iterator[None]:
-    """Turn any ``OSError`` raised inside into a :class:`StorageError` naming ``path``."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except FileNotFoundError as exc:
-        raise MissingFileError(f"{action} {path} failed: file not found", path=path) from exc
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: never followed in a checkpoint
-            raise MissingFileError(f"{action} {path} failed: it is a symbolic link, not a file", path=path) from exc
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        hint = _HINTS.get(exc.errno or 0, "")
-        tail = f" ({hint}); earlier checkpoints are intact" if hint else "; earlier checkpoints are intact"
-        raise StorageError(f"{action} {path} failed: {reason}{tail}", path=path) from exc
-
-
-class WriterLock(Protocol):
-    """Held by the one manager allowed to write a directory."""
-
-    def release(self) -> None: ...
-
-
-class Storage(Protocol):
-    """The verbs the checkpoint store needs from a filesystem.
-
-    Object and manifest names are plain file names (validated by the caller); a backend
-    never sees a path from a manifest.
-    """
-
-    location: str
-
-    def ensure_layout(self) -> None: ...
-    def list_manifests(self) -> list[str]: ...
-    def read_manifest(self, name: str) -> bytes: ...
-    def publish_manifest(self, name: str, data: bytes, *, replace: bool = False) -> None: ...
-    def delete_manifest(self, name: str) -> None: ...
-    def list_objects(self) -> list[str]: ...
-    def list_temporaries(self) -> list[str]: ...
-    def write_object(self, name: str, buffers: Sequence[Buffer]) -> int: ...
-    def sync_objects(self) -> None: ...
-    def object_size(self, name: str) -> int | None: ...
-    def read_object_into(self, name: str, offset: int, buffer: memoryview) -> None: ...
-    def delete_object(self, name: str) -> None: ...
-    def delete_temporary(self, name: str) -> None: ...
-    def lock(self) -> WriterLock: ...
 
 
 class _FlockLock:
@@ -353,28 +279,7 @@ def _read_holder(fd: int, path: str) -> str:
             time.sleep(0.01)
             continue
         text = f"pid {pid} on host {host}"
-        if host != socket.gethostname() or _alive(pid):
+        if host != socket.gethostname() or alive(pid):
             return text
         time.sleep(0.01)  # a dead holder's record: the new holder is about to write its own
     return text
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def open_storage(location: str, storage_options: dict[str, object] | None = None) -> Storage:
-    """The backend for a local path or an fsspec URL (``s3://``, ``memory://``, ...)."""
-    if "://" in location and not location.startswith("file://"):
-        from ._fsspec_storage import FsspecStorage
-
-        return FsspecStorage(location, storage_options or {})
-    if location.startswith("file://"):
-        location = location[len("file://") :]
-    return LocalStorage(os.fspath(location))

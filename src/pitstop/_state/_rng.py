@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import CorruptCheckpointError
+from .._errors import CorruptCheckpointError
 
 __all__ = ["capture_rng", "register_rng", "restore_rng"]
 

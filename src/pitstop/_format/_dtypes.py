@@ -14,7 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ._errors import UnsupportedStateError
+from .._errors import UnsupportedStateError
 
 __all__ = ["STORABLE", "dtype_from_name", "dtype_name", "is_storable", "name_of", "storage_dtype"]
 

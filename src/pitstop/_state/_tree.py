@@ -23,15 +23,16 @@ import copy
 import importlib
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._dtypes import STORABLE, dtype_from_name, dtype_name, is_storable, name_of, storage_dtype
-from ._errors import Mismatch, UnsupportedStateError
-from ._manifest import ArrayEntry, ArrayTable
+from .._errors import Mismatch, UnsupportedStateError
+from .._format._dtypes import STORABLE, dtype_from_name, dtype_name, is_storable, name_of, storage_dtype
+from .._format._manifest import ArrayEntry, ArrayTable
 
 __all__ = [
     "RestorePlan",
@@ -59,14 +60,17 @@ Adapter = Callable[[object], "Stateful | None"]
 _ADAPTERS: list[Adapter] = []
 # Framework adapters live in their own modules and register themselves when imported.
 # They are imported only when an object of that framework appears in a state, so
-# `import pitstop` never loads a framework.
-_ADAPTER_MODULES = {
-    "tensorflow": "pitstop.tensorflow",
-    "keras": "pitstop.tensorflow",
-    "tf_keras": "pitstop.tensorflow",
-    "torch": "pitstop.torch",
-}
+# `import pitstop` never loads a framework; the package root names which module adapts
+# which framework (register_lazy_adapter), the core names none.
+_ADAPTER_MODULES: dict[str, str] = {}
 _loaded_adapter_modules: set[str] = set()
+
+
+def register_lazy_adapter(framework: str, module: str) -> None:
+    """Import ``module`` (which calls :func:`register_adapter`) the first time a state holds
+    an object of the top-level package ``framework``, or before an in-place restore once
+    ``framework`` is imported."""
+    _ADAPTER_MODULES[framework] = module
 
 
 def register_adapter(adapter: Adapter) -> None:
@@ -104,8 +108,7 @@ def load_adapters() -> None:
 
 def as_stateful(obj: object) -> Stateful | None:
     """The stateful view of ``obj``, or ``None`` when it is not a stateful object."""
-    root = type(obj).__module__.partition(".")[0]
-    if root in _ADAPTER_MODULES:
+    if _ADAPTER_MODULES.keys() & _roots(type(obj)):  # a framework's class, or a user's subclass of one
         load_adapters()
     for adapter in _ADAPTERS:
         wrapped = adapter(obj)
@@ -114,6 +117,18 @@ def as_stateful(obj: object) -> Stateful | None:
     if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
         return obj  # type: ignore[return-value]
     return None
+
+
+_ROOTS: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _roots(cls: type) -> frozenset[str]:
+    """The top-level packages of ``cls`` and its base classes (``{"__main__", "keras"}`` for
+    a user's ``keras.Model`` subclass), cached by class."""
+    roots = _ROOTS.get(cls)
+    if roots is None:
+        roots = _ROOTS[cls] = frozenset(getattr(c, "__module__", "").partition(".")[0] for c in cls.__mro__)
+    return roots
 
 
 def object_config(stateful: Stateful) -> dict[str, Any] | None:

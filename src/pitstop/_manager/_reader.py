@@ -24,20 +24,17 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from . import _distributed as _dist
-from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from ._gcpause import paused_gc
-from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
-from ._policy import UNSET, Policy, resolve_policy
-from ._reader import read_arrays, verify_manifest
-from ._retention import Record, best_step, select
-from ._rng import restore_rng
-from ._storage import MissingFileError, Storage, open_storage
-from ._tree import (
+from .. import _distributed as _dist
+from .._engine._gcpause import paused_gc
+from .._engine._reader import read_arrays, verify_manifest
+from .._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
+from .._format._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
+from .._state._rng import restore_rng
+from .._state._tree import (
     RestorePlan,
     array_paths,
     build_tree,
@@ -47,6 +44,9 @@ from ._tree import (
     rename_hints,
     run_restore_hooks,
 )
+from .._storage import MissingFileError, Storage, open_storage
+from ._policy import UNSET, Policy, resolve_policy
+from ._retention import Record, best_step, select
 
 __all__ = [
     "CheckpointReader",
@@ -54,6 +54,7 @@ __all__ = [
     "PartialRestoreWarning",
     "RestoreReport",
     "Restored",
+    "StartStep",
     "cpus",
     "describer",
     "mismatch_message",
@@ -61,8 +62,26 @@ __all__ = [
     "steps_of",
 ]
 
+T = TypeVar("T")
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
 _POLICY_OPTIONS = ("max_to_keep", "keep_best", "best_metric", "best_mode", "keep_every_n_steps")
+
+
+class StartStep(int):
+    """What ``restore_or_initialize`` returns: the step to continue from, an ``int``.
+
+    ``restored`` tells a restored checkpoint (even of step 0) from a fresh start (0).
+    """
+
+    restored: bool
+
+    def __new__(cls, step: int, *, restored: bool) -> StartStep:
+        self = super().__new__(cls, step)
+        self.restored = restored
+        return self
+
+    def __repr__(self) -> str:
+        return f"StartStep({int(self)}, restored={self.restored})"
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -321,7 +340,7 @@ class CheckpointReader:
     @property
     def policy(self) -> Policy:
         """The retention policy in effect: the options given, the rest as recorded with the
-        directory's newest checkpoint (see :mod:`pitstop._policy`)."""
+        directory's newest checkpoint (see :mod:`pitstop._manager._policy`)."""
         return self._policy()
 
     def _policy(self, steps: Sequence[int] | None = None) -> Policy:
@@ -450,10 +469,23 @@ class CheckpointReader:
         """``listed``: the steps the caller has just listed, used for the first attempt."""
         if step is not None:
             return int(step), self._restore_known_step(int(step), state, strict, mmap)
+        return self.newest_valid(lambda s: self._restore_step(s, state, strict, mmap), listed)
+
+    def newest_valid(self, attempt: Callable[[int], T], listed: Sequence[int] | None = None) -> tuple[int, T]:
+        """``attempt(step)`` on the newest step, falling back past damaged ones (each with a
+        :class:`CorruptCheckpointWarning`) and past steps a live writer deletes or replaces
+        meanwhile (the directory is listed again after every attempt).
+
+        Returns:
+            The step and what ``attempt`` returned for it.
+
+        Raises:
+            CheckpointNotFoundError: nothing (left) to read; CorruptCheckpointError: every
+                step is damaged (``problems`` lists why).
+        """
         problems: list[str] = []
         tried: set[int] = set()
         for _ in range(_MAX_RELISTS):
-            # re-list after every attempt: a live writer may commit or delete meanwhile
             steps = listed if listed is not None else self.all_steps()
             listed = None
             candidates = [s for s in steps if s not in tried]
@@ -462,7 +494,7 @@ class CheckpointReader:
             s = candidates[-1]
             tried.add(s)
             try:
-                return s, self._restore_step(s, state, strict, mmap)
+                return s, attempt(s)
             except CheckpointNotFoundError:
                 continue  # deleted by the writer while we looked
             except CorruptCheckpointError as exc:
@@ -474,7 +506,7 @@ class CheckpointReader:
                 self._damaged.add(s)
                 problems.append(f"step {s}: {exc}")
                 warnings.warn(
-                    f"skipping checkpoint step {s} in {self.directory}: {exc}", CorruptCheckpointWarning, stacklevel=2
+                    f"skipping checkpoint step {s} in {self.directory}: {exc}", CorruptCheckpointWarning, stacklevel=3
                 )
         if not problems:
             raise CheckpointNotFoundError(
@@ -489,6 +521,13 @@ class CheckpointReader:
             path=self.directory,
             problems=problems,
         )
+
+    def read_arrays(self, step: int, requests: dict[int, Any]) -> dict[int, Any]:
+        """Read (and check) the arrays ``requests`` names of committed ``step``: index ->
+        ``None`` (a new array) or a destination array to read into."""
+        m = self._manifest(step)
+        where = f"{self.directory}/manifests/{manifest_name(step)}"
+        return read_arrays(self._storage, m, requests, self._pool, describer(m), where)
 
     def _restore_known_step(self, step: int, state: Any, strict: bool | None, mmap: bool = False) -> Any:
         try:

@@ -30,8 +30,8 @@ from typing import Any, NamedTuple, overload
 import numpy as np
 import xxhash
 
+from .._errors import CorruptCheckpointError
 from ._dtypes import dtype_from_name
-from ._errors import CorruptCheckpointError
 
 __all__ = [
     "CODEC_NONE",

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import UnsupportedStateError
-from ._writer import Compression
+from .._engine._writer import Compression
+from .._errors import UnsupportedStateError
 
 __all__ = ["clean_metadata", "clean_metrics", "compression_option"]
 

@@ -37,10 +37,9 @@ from typing import Any, cast
 import numpy as np
 import xxhash
 
-from ._commit import Buffer, as_buffers, byte_view
-from ._dtypes import dtype_name
-from ._errors import StorageError
-from ._manifest import (
+from .._errors import StorageError
+from .._format._dtypes import dtype_name
+from .._format._manifest import (
     CODEC_NONE,
     CODEC_ZSTD,
     ArrayTable,
@@ -52,10 +51,11 @@ from ._manifest import (
     encode_node,
     manifest_name,
 )
-from ._storage import Storage
-from ._tree import FlatState
+from .._state._tree import FlatState
+from .._storage import Storage
+from .._storage._durable import Buffer, as_buffers, byte_view
 
-__all__ = ["Compression", "DedupIndex", "SaveStats", "write_checkpoint"]
+__all__ = ["Compression", "DedupIndex", "SaveStats", "commit", "write_checkpoint"]
 
 SMALL_BYTES = 1 << 20
 CHUNK_BYTES = 64 << 20
@@ -162,7 +162,7 @@ class SaveStats:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from .._version import __version__
 
     out = {"pitstop": __version__, "python": sys.version.split()[0], "numpy": np.__version__}
     for mod in ("tensorflow", "keras", "torch", "jax"):
@@ -502,22 +502,20 @@ def write_checkpoint(
     compression: Compression | None = None,
     threads: int = 1,
     policy: Mapping[str, Any] | None = None,
-    replace: bool = False,
-) -> tuple[Manifest, SaveStats]:
-    """Write ``flat`` as checkpoint ``step`` and commit it (see module docstring).
+) -> tuple[Manifest, bytes, SaveStats]:
+    """Write the data of ``flat`` as checkpoint ``step``, durably, and encode its manifest
+    -- without publishing it: :func:`commit` does, as the caller decides (a multi-worker
+    rank hands its part to the chief instead).
 
     ``threads``: how many tasks ``pool`` runs at once (large arrays are cut finer when
     there would be fewer large pieces than that). ``policy``: the retention policy
-    recorded with the checkpoint. ``replace``: the commit atomically replaces an existing
-    manifest of ``step`` (the caller holds the lock and decided so).
+    recorded with the checkpoint.
 
     Returns:
-        The committed manifest and what the save cost.
+        The manifest, its encoded bytes, and what writing cost.
 
     Raises:
         StorageError: writing failed; nothing was committed, earlier checkpoints are intact.
-        CheckpointExistsError is not raised here: the caller checks the step first; a
-        ``FileExistsError`` from the commit is translated by the caller.
     """
     t0 = time.perf_counter()
     stats = SaveStats()
@@ -594,12 +592,25 @@ def write_checkpoint(
             synced.result()
     stats.bytes_written = sum(written.values())
     stats.objects_written = len(written)
+    stats.seconds = time.perf_counter() - t0
+    return manifest, data, stats
+
+
+def commit(storage: Storage, step: int, data: bytes, *, replace: bool = False) -> None:
+    """Publish the manifest ``data`` of ``step``: the single atomic act that makes a
+    checkpoint exist (its data is durable already, see :func:`write_checkpoint`).
+
+    ``replace``: atomically replace an existing manifest of ``step`` (the caller holds the
+    lock and decided so).
+
+    Raises:
+        FileExistsError: ``step`` is committed already (and not ``replace``); the caller
+            translates it.
+    """
     if replace:
         storage.publish_manifest(manifest_name(step), data, replace=True)
     else:
         storage.publish_manifest(manifest_name(step), data)
-    stats.seconds = time.perf_counter() - t0
-    return manifest, stats
 
 
 def _size_of(storage: Storage, name: str) -> int:

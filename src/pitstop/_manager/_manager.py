@@ -9,12 +9,9 @@ same directory need no lock and see only committed checkpoints.
 
 from __future__ import annotations
 
-import gc
-import logging
 import os
 import signal
 import warnings
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -22,14 +19,37 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _distributed as _dist
-from ._async import BackgroundWriter
-from ._checkpoint_reader import (
+from .. import _distributed as _dist
+from .._engine._async import BackgroundWriter
+from .._engine._gcpause import paused_gc
+from .._engine._reader import verify_manifest
+from .._engine._snapshot import SnapshotBuffers
+from .._engine._writer import Compression, DedupIndex, SaveStats, commit, write_checkpoint
+from .._errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
+from .._format._manifest import Manifest, manifest_name
+from .._state._rng import capture_rng as _capture_rng
+from .._state._tree import (
+    FlatState,
+    flatten_state,
+)
+from .._storage import Storage, open_storage
+from ._lock import Holdings, take_lock
+from ._multi import restore_on_ranks, save_on_ranks
+from ._options import clean_metadata, clean_metrics, compression_option
+from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
+from ._preempt import PreemptionWatcher, parse_signals
+from ._reader import (
     CheckpointReader,
     CorruptCheckpointWarning,
     PartialRestoreWarning,
     Restored,
     RestoreReport,
+    StartStep,
     cpus,
     default_threads,
     describer,
@@ -37,28 +57,7 @@ from ._checkpoint_reader import (
     partial_message,
     steps_of,
 )
-from ._errors import (
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    DirectoryLockedError,
-)
-from ._gcpause import paused_gc
-from ._manifest import Manifest, manifest_name
-from ._options import clean_metadata, clean_metrics, compression_option
-from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
-from ._preempt import PreemptionWatcher, parse_signals
-from ._reader import verify_manifest
 from ._retain import GcReport, Retainer
-from ._rng import capture_rng as _capture_rng
-from ._snapshot import SnapshotBuffers
-from ._storage import Storage, WriterLock, open_storage
-from ._tree import (
-    FlatState,
-    flatten_state,
-)
-from ._writer import Compression, DedupIndex, SaveStats, write_checkpoint
 
 __all__ = [
     "CheckpointManager",
@@ -74,63 +73,7 @@ __all__ = [
 ]
 
 
-class StartStep(int):
-    """What ``restore_or_initialize`` returns: the step to continue from, an ``int``.
-
-    ``restored`` tells a restored checkpoint (even of step 0) from a fresh start (0).
-    """
-
-    restored: bool
-
-    def __new__(cls, step: int, *, restored: bool) -> StartStep:
-        self = super().__new__(cls, step)
-        self.restored = restored
-        return self
-
-    def __repr__(self) -> str:
-        return f"StartStep({int(self)}, restored={self.restored})"
-
-
-class _Held:
-    """What a manager holds beyond its own lifetime unless let go: the writer lock, the IO
-    threads and signal handlers. Released by ``close()``, or when the manager is garbage-
-    collected without it (a notebook cell re-run after ``fit`` raised): a ``weakref.finalize``
-    holds this object, never the manager."""
-
-    def __init__(
-        self,
-        directory: str,
-        pool: ThreadPoolExecutor,
-        watcher: PreemptionWatcher | None,
-        writer: BackgroundWriter | None,
-    ) -> None:
-        self.directory = directory
-        self.lock: WriterLock | None = None
-        self.pool = pool
-        self.watcher = watcher
-        self.writer = writer
-
-    def release(self) -> None:
-        error = self.writer.take_error() if self.writer is not None else None
-        if error is not None:  # nobody is left to raise it to: say so
-            _log.error(
-                "a background save to %s failed and its manager was dropped without close(): %s",
-                self.directory,
-                error,
-            )
-        if self.watcher is not None:
-            self.watcher.uninstall()
-            self.watcher = None
-        if self.lock is not None:
-            lock, self.lock = self.lock, None
-            lock.release()
-        self.pool.shutdown(wait=False)
-
-
 MAX_STEP = 2**63 - 1
-_log = logging.getLogger("pitstop")
-#: Every manager of this process not yet collected (to find a dropped one holding a lock).
-_OPEN: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
 # whether a step being saved is committed already (ordered: ranks agree on the largest)
 _NEW, _DAMAGED, _INTACT = 0, 1, 2
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
@@ -273,10 +216,8 @@ class CheckpointManager:
             world=self._world,
         )  # fmt: skip
         self._data = Retainer(self._storage, self._reader)
-        self._held = _Held(self.directory, self._pool, self._watcher, self._writer)
-        _OPEN.add(self)
-        self._finalizer = weakref.finalize(self, self._held.release)
-        self._finalizer.atexit = False  # at exit the process lets go of everything anyway
+        self._held = Holdings(self.directory, self._pool, self._watcher, self._writer)
+        self._finalizer = self._held.bind(self)  # released when collected without close()
 
     # -- context manager --------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -319,7 +260,7 @@ class CheckpointManager:
     @property
     def policy(self) -> Policy:
         """The retention policy in effect: the options given, the rest as recorded with the
-        directory's newest checkpoint (see :mod:`pitstop._policy`)."""
+        directory's newest checkpoint (see :mod:`pitstop._manager._policy`)."""
         return self._reader._policy()
 
     @property
@@ -366,7 +307,7 @@ class CheckpointManager:
         if self._held.lock is not None:
             return None
         self._storage.ensure_layout()
-        self._held.lock = self._lock_directory()
+        self._held.lock = take_lock(self._storage, self._held)
         for tmp in self._storage.list_temporaries():  # leftovers of killed writers
             self._storage.delete_temporary(tmp)
         names = self._storage.list_manifests()
@@ -374,23 +315,6 @@ class CheckpointManager:
         steps = steps_of(names)
         self._data.collect_garbage(dry_run=False, steps=steps)
         return steps
-
-    def _lock_directory(self) -> WriterLock:
-        """Take the writer lock. Held by another manager of this process that was dropped
-        without ``close()`` while its last save was in flight: that save is let finish, the
-        dropped manager collected (which releases the lock), and the lock taken."""
-        try:
-            return self._storage.lock()
-        except DirectoryLockedError:
-            holders = [m for m in list(_OPEN) if m is not self and m.directory == self.directory and m._held.lock]
-            if not holders:
-                raise
-            for m in holders:
-                if m._writer is not None:
-                    m._writer.join()
-            del holders, m
-            gc.collect()
-            return self._storage.lock()
 
     def _writer_steps(self) -> list[int]:
         """The committed steps, listed once per save by the lock holder and then kept up to date.
@@ -472,9 +396,9 @@ class CheckpointManager:
         else:
             codec = compression_option(None if compression == "none" else compression, self._compression_level)
         if self._coord is not None:
-            started = existing != _INTACT and self._save_multi(
-                step, state, metrics, metadata, codec, listed, replace=existing == _DAMAGED
-            )
+            started = existing != _INTACT
+            if started:
+                save_on_ranks(self, step, state, metrics, metadata, codec, listed, replace=existing == _DAMAGED)
         else:
             started = self._save_local(step, state, metrics, metadata, codec)
         if preempt:
@@ -594,119 +518,6 @@ class CheckpointManager:
             self._write(step, flat, metrics_, metadata_, codec, steps, policy, replace, bad)
         return True
 
-    def _save_multi(
-        self,
-        step: int,
-        state: Any,
-        metrics: Any,
-        metadata: Any,
-        codec: Compression | None,
-        listed: list[int] | None,
-        *,
-        replace: bool = False,
-    ) -> bool:
-        """One rank's side of a multi-worker save (see ``pitstop._distributed``).
-
-        ``listed``: on rank 0, the steps ``_acquire`` listed when it took the lock just now.
-        """
-        assert self._coord is not None
-        error: BaseException | None = None
-        metrics_: dict[str, float] = {}
-        metadata_: dict[str, Any] = {}
-        stats: SaveStats | None = None
-        steps: list[int] = []
-        try:
-            metrics_, metadata_ = clean_metrics(metrics), clean_metadata(metadata)
-            if listed is not None:
-                steps = listed
-            else:
-                steps = self._writer_steps() if self._rank == 0 else self.all_steps()
-            if step in steps and not replace:
-                raise self._exists_error(step)
-            with paused_gc(), _dist.rank_context(self._rank):
-                rng = _capture_rng() if self._capture_rng else {}
-                flat = flatten_state(state, _dist.PerRank(rng))
-                index = self._data.index(steps)
-                if replace:  # a damaged step: none of its data is reused
-                    index = self._data.replace_index(index.without(self._damaged_objects(step)))
-                written, stats = _dist.write_part(
-                    self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
-                    index=index, compression=codec,
-                )  # fmt: skip
-                index.add(written)
-        except Exception as exc:  # every rank must reach the barrier, failed or not
-            error = exc
-        failed = self._coord.all_max([int(error is not None)])[0]  # barrier 1: all parts written
-        chief_error: BaseException | None = None
-        if self._rank == 0 and not failed:
-            try:
-                self._commit_parts(step, metrics_, metadata_, self._applied_policy(steps), replace)
-            except Exception as exc:
-                chief_error = exc
-        chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed
-        # Rank 0 cleans up after barrier 2, so that no rank waits for it: it removes the
-        # parts, then (after a commit) applies retention. No rank writes anything for
-        # another save until rank 0 joins that save's first collective, i.e. until this
-        # is done: the cleanup cannot meet the next save's parts or unreferenced new
-        # objects, and the step just committed is referenced.
-        failure: BaseException | None = error or chief_error
-        if failure is None and failed:
-            failure = CheckpointError(
-                f"step {step} was not saved: another rank failed to write its share (its own error says "
-                f"why); nothing was committed and earlier checkpoints in {self.directory} are intact",
-                path=self.directory,
-                step=step,
-            )
-        if failure is None and chief_failed:
-            failure = CheckpointError(
-                f"rank 0 failed to commit step {step} (rank 0's error says why); earlier checkpoints in "
-                f"{self.directory} are intact",
-                path=self.directory,
-                step=step,
-            )
-        if self._rank == 0:
-            self._clean_up_after_commit(step, None if failure is not None else sorted({*steps, step}), failure)
-        if failure is not None:
-            raise failure
-        self.last_save_stats = stats
-        self._reader._intact.add(step)
-        self._reader._damaged.discard(step)
-        return True
-
-    def _clean_up_after_commit(self, step: int, steps: list[int] | None, failure: BaseException | None) -> None:
-        """Rank 0 after barrier 2: remove the parts of ``step``; after a commit (``steps``:
-        the committed steps), apply retention. Its error is rank 0's alone."""
-        try:
-            _dist.remove_parts(self._storage, step, world_size=self._world, pool=self._pool)
-            if steps is not None:
-                with paused_gc():
-                    self._data.apply_retention(steps)
-        except Exception as exc:
-            if failure is not None:  # the save failed anyway: say so, and what was left behind
-                failure.add_note(f"removing the parts of step {step} failed too ({exc}); run gc() to remove them")
-                return
-            raise CheckpointError(
-                f"step {step} is committed in {self.directory}, but cleaning up after it (removing the "
-                f"ranks' parts, retention and garbage collection) failed ({exc}); the checkpoint is intact. "
-                "Older checkpoints or unreferenced data may remain: the next save retries, or run gc()",
-                path=self.directory,
-                step=step,
-            ) from exc
-
-    def _commit_parts(
-        self, step: int, metrics: dict[str, float], metadata: dict[str, Any], policy: Policy, replace: bool
-    ) -> None:
-        with paused_gc():
-            manifest = _dist.merge_parts(
-                self._storage, step=step, world_size=self._world, metrics=metrics, metadata=metadata
-            )
-            manifest.policy = policy.record()
-            try:
-                _dist.commit_merged(self._storage, manifest, replace=replace)
-            except FileExistsError:
-                raise self._exists_error(step, by_other=True) from None
-            self._remember(manifest, self._data.index())
-
     def _on_preempted(self) -> None:
         self.wait_until_finished()  # the preemption checkpoint is committed before anything else
         self.preempted = True
@@ -741,7 +552,7 @@ class CheckpointManager:
             if bad:
                 index = self._data.replace_index(index.without(set(bad)))
             try:
-                manifest, stats = write_checkpoint(
+                manifest, data, stats = write_checkpoint(
                     self._storage,
                     self._pool,
                     step=step,
@@ -752,8 +563,8 @@ class CheckpointManager:
                     compression=codec,
                     threads=self._io_threads,
                     policy=(policy or self._reader._policy(steps)).record(),
-                    replace=replace,
                 )
+                commit(self._storage, step, data, replace=replace)
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None
             self._remember(manifest, index)
@@ -777,7 +588,7 @@ class CheckpointManager:
             return report
         self._storage.ensure_layout()
         if self._held.lock is None:
-            self._held.lock = self._lock_directory()
+            self._held.lock = take_lock(self._storage, self._held)
         report = GcReport(files=self._storage.list_temporaries())
         for tmp in report.files:
             self._storage.delete_temporary(tmp)
@@ -871,29 +682,7 @@ class CheckpointManager:
     ) -> tuple[int, Any]:
         if self._coord is None:
             return self._reader._restore_any(state, step, strict, mmap, listed)
-        error: BaseException | None = None
-        got, tree = -1, None
-        try:
-            got, tree = self._reader._restore_any(state, step, strict, mmap, listed)
-        except Exception as exc:  # every rank must reach the collective
-            error = exc
-        out = self._coord.all_max([int(error is not None), got, -got])
-        if error is not None:
-            raise error
-        if out[0]:
-            raise CheckpointError(
-                f"another rank failed to restore from {self.directory} (its own error says why); "
-                "this rank's state may be partly restored: do not train on",
-                path=self.directory,
-            )
-        if out[1] != -out[2]:
-            raise CheckpointError(
-                f"the ranks restored different steps ({-out[2]} to {out[1]}) from {self.directory}: a "
-                "checkpoint is unreadable on some ranks (see the CorruptCheckpointWarning). Restore one "
-                "step on every rank with restore(step=...)",
-                path=self.directory,
-            )
-        return got, tree
+        return restore_on_ranks(self, state, step, strict, mmap, listed)
 
     def restore_or_initialize(self, state: Any, *, strict: bool = True) -> StartStep:
         """Restore the newest valid checkpoint into ``state`` in place; return its step.

@@ -12,12 +12,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from ._checkpoint_reader import CheckpointReader, CorruptCheckpointWarning
-from ._errors import CheckpointError, CheckpointNotFoundError
-from ._manifest import manifest_name
+from .._engine._writer import DedupIndex
+from .._errors import CheckpointError, CheckpointNotFoundError
+from .._format._manifest import manifest_name
+from .._storage import Storage
+from ._reader import CheckpointReader, CorruptCheckpointWarning
 from ._retention import select
-from ._storage import Storage
-from ._writer import DedupIndex
 
 __all__ = ["GcReport", "Retainer"]
 

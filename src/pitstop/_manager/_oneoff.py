@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._errors import CheckpointExistsError
+from .._errors import CheckpointExistsError
 from ._manager import CheckpointManager
 
 __all__ = ["restore", "save"]

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ._commit import byte_view
-from ._dtypes import dtype_from_name
-from ._errors import CorruptCheckpointError
-from ._manifest import CODEC_NONE, ArrayTable, Manifest, checksum
-from ._storage import MissingFileError, ShortReadError, Storage
+from .._errors import CorruptCheckpointError
+from .._format._dtypes import dtype_from_name
+from .._format._manifest import CODEC_NONE, ArrayTable, Manifest, checksum
+from .._storage import MissingFileError, ShortReadError, Storage
+from .._storage._durable import byte_view
 
 __all__ = ["read_arrays", "verify_manifest"]
 
