@@ -118,7 +118,7 @@ def test_partial_restore_warns_about_what_it_skipped(tmp_path: Path) -> None:
         assert float(v2.numpy()) == 3.0
         assert isinstance(result.report, pitstop.RestoreReport)
         assert result.report.restored == ["v2"]
-        assert [entry.split(":")[0] for entry in result.report.unexpected] == ["v1"]
+        assert [str(entry).split(":")[0] for entry in result.report.unexpected] == ["v1"]
         assert result.report.missing == []
         assert result.report.mismatched == []
 
