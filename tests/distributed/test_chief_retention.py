@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import pitstop
-from pitstop._storage import LocalStorage, StorageError
+from pitstop import StorageError
+from pitstop._storage import LocalStorage
 
 from .threads import ThreadCoordinator, run_ranks
 

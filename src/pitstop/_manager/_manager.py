@@ -79,7 +79,7 @@ _NEW, _DAMAGED, _INTACT = 0, 1, 2
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
 
 
-class CheckpointManager:
+class CheckpointManager(CheckpointReader):
     """Saves, lists, retains, verifies and restores the checkpoints of one directory.
 
     Args:
@@ -211,11 +211,11 @@ class CheckpointManager:
         self.last_save_stats: SaveStats | None = None
         self.last_save_blocked = False
         self._watcher = PreemptionWatcher(signals) if signals else None
-        self._reader = CheckpointReader._of_manager(
-            self._storage, self._pool, given=self._given, restore_rng=self._capture_rng, rank=self._rank,
-            world=self._world,
+        self._open_view(
+            self._storage, self._pool, owns_pool=False, given=self._given, restore_rng=self._capture_rng,
+            rank=self._rank, world=self._world, writer=True,
         )  # fmt: skip
-        self._data = Retainer(self._storage, self._reader)
+        self._data = Retainer(self._storage, self)
         self._held = Holdings(self.directory, self._pool, self._watcher, self._writer)
         self._finalizer = self._held.bind(self)  # released when collected without close()
 
@@ -232,57 +232,24 @@ class CheckpointManager:
         return f"CheckpointManager({self.directory!r})"
 
     # -- listing ----------------------------------------------------------------------
-    def all_steps(self) -> list[int]:
-        """Steps of every committed checkpoint, ascending."""
-        return self._reader.all_steps()
-
-    def latest_step(self) -> int | None:
-        """The newest committed step, or ``None`` when there is none."""
-        return self._reader.latest_step()
-
-    def metrics(self, step: int) -> dict[str, float]:
-        """The metrics saved with ``step``."""
-        return self._reader.metrics(step)
-
-    def metadata(self, step: int) -> dict[str, Any]:
-        """The user metadata saved with ``step`` (``save(..., metadata=...)``)."""
-        return self._reader.metadata(step)
-
-    def manifest(self, step: int) -> Manifest:
-        """The parsed manifest of ``step`` (tree, arrays, objects, versions, time)."""
-        return self._reader.manifest(step)
-
     @property
     def reader(self) -> CheckpointReader:
-        """This manager's read side (shares its storage, IO threads and policy)."""
-        return self._reader
+        """The read side: the manager itself (a :class:`CheckpointReader` that also writes)."""
+        return self
 
     @property
     def policy(self) -> Policy:
         """The retention policy in effect: the options given, the rest as recorded with the
         directory's newest checkpoint (see :mod:`pitstop._manager._policy`)."""
-        return self._reader._policy()
-
-    @property
-    def last_restore_report(self) -> RestoreReport | None:
-        """What the last restore did (also on the result of ``restore``)."""
-        return self._reader.last_restore_report
+        return self._policy()
 
     def _applied_policy(self, steps: Sequence[int] | None = None) -> Policy:
         """The policy, as a writer applies it: warns once if it replaces a different one."""
-        policy = self._reader._policy(steps)
+        policy = self._policy(steps)
         if not self._policy_applied:
             self._policy_applied = True
-            policy_change(policy, self._reader._recorded, where=str(self.directory), stacklevel=4)
+            policy_change(policy, self._recorded, where=str(self.directory), stacklevel=4)
         return policy
-
-    def best_step(self) -> int | None:
-        """The best step by ``best_metric`` (``None`` without a metric or any scored step)."""
-        return self._reader.best_step()
-
-    def retention(self) -> dict[int, list[str]]:
-        """Each committed step with the reasons it is kept (as retention would decide now)."""
-        return self._reader.retention()
 
     # -- saving -----------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -432,21 +399,21 @@ class CheckpointManager:
         """
         if step not in steps:
             return _NEW
-        if step in self._reader._intact:
+        if step in self._intact:
             return _INTACT
-        if step not in self._reader._damaged:
+        if step not in self._damaged:
             where = f"{self.directory}/manifests/{manifest_name(step)}"
             try:
-                m = self._reader._manifest(step)
+                m = self._manifest(step)
                 problems = verify_manifest(self._storage, m, self._pool, describer(m), where)
             except CheckpointNotFoundError:
                 return _NEW  # deleted meanwhile (only by this, the lock holder): nothing to keep
             except CorruptCheckpointError as exc:
                 problems = [str(exc)]
             if not problems:
-                self._reader._intact.add(step)
+                self._intact.add(step)
                 return _INTACT
-            self._reader._damaged.add(step)
+            self._damaged.add(step)
         warnings.warn(
             f"checkpoint step {step} in {self.directory} is damaged; this save replaces it (none of its "
             "data is reused)",
@@ -458,11 +425,11 @@ class CheckpointManager:
     def _damaged_objects(self, step: int) -> set[str]:
         """The objects of damaged ``step`` (when its manifest is readable): never reused."""
         try:
-            m = self._reader._manifest(step)
+            m = self._manifest(step)
         except CheckpointError:
             return set()
         finally:
-            self._reader._forget(step)
+            self._forget(step)
         return set(m.objects)
 
     def _exists_error(self, step: int, *, by_other: bool = False) -> CheckpointExistsError:
@@ -474,9 +441,9 @@ class CheckpointManager:
             step=step,
         )
 
-    def _remember(self, manifest: Manifest, index: DedupIndex) -> None:
+    def _committed(self, manifest: Manifest, index: DedupIndex) -> None:
         """A manifest this manager just committed: cached, and its pieces reusable."""
-        self._reader._remember(manifest)
+        self._remember(manifest)
         index.add(manifest)
 
     def _save_local(
@@ -562,15 +529,15 @@ class CheckpointManager:
                     index=index,
                     compression=codec,
                     threads=self._io_threads,
-                    policy=(policy or self._reader._policy(steps)).record(),
+                    policy=(policy or self._policy(steps)).record(),
                 )
                 commit(self._storage, step, data, replace=replace)
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None
-            self._remember(manifest, index)
+            self._committed(manifest, index)
             self.last_save_stats = stats
-            self._reader._intact.add(step)
-            self._reader._damaged.discard(step)
+            self._intact.add(step)
+            self._damaged.discard(step)
             self._data.apply_retention(None if steps is None else sorted({*steps, step}))
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
@@ -610,7 +577,7 @@ class CheckpointManager:
                 f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
             )
         self._storage.delete_manifest(manifest_name(step))
-        self._reader._forget(step)
+        self._forget(step)
         self._data.collect_garbage(dry_run=False, steps=[s for s in steps if s != step])
 
     def wait_until_finished(self) -> None:
@@ -639,41 +606,19 @@ class CheckpointManager:
         expect_partial: bool = False,
         mmap: bool = False,
     ) -> Restored:
-        """Restore a checkpoint, in place into ``state`` or as a new tree.
+        """Restore a checkpoint, in place into ``state`` or as a new tree: see
+        :meth:`CheckpointReader.restore` for the arguments, what it returns and raises.
 
-        Args:
-            state: The state to restore into (arrays and objects in place, plain values
-                written back into its dicts/lists); ``None`` builds a dict of NumPy arrays.
-            step: The step to restore; ``None`` or ``"latest"`` means the newest checkpoint
-                that is valid (corrupt or partial newer ones are skipped with a warning);
-                ``"best"`` the best by the recorded ``best_metric``.
-            strict: Raise :class:`StateMismatchError` when the checkpoint and ``state``
-                differ; with ``False`` restore the matching entries and report the rest
-                (the result's ``report`` and a :class:`PartialRestoreWarning`).
-            expect_partial: A partial restore is intended (TensorFlow's
-                ``expect_partial()``): restore the matching entries as ``strict=False``
-                does, without a warning; what was skipped is on the result's ``report``.
-            mmap: With ``state=None`` on a local directory: return arrays as read-only
-                views of the memory-mapped data files instead of copies (no allocation,
-                pages shared with the OS cache). Every segment's checksum is verified
-                before ``restore`` returns (that pass reads the pages once). Arrays
-                stored in several chunks (over 64 MiB) or compressed are read as usual.
-
-        Returns:
-            A :class:`Restored`: unpacks as ``(step, tree)``, the step restored and the
-            restored state; its ``report`` says what was restored and skipped.
-
-        Raises:
-            CheckpointNotFoundError: no (such) checkpoint exists.
-            CorruptCheckpointError: the step asked for is damaged, or every one is.
-            StateMismatchError: ``strict`` and the structures differ (nothing was modified).
+        The save in flight is committed first. In-place restores also restore the global
+        RNG states when ``capture_rng``. With a coordinator every rank restores, and all
+        agree on the step (a step unreadable on some rank is an error on every rank).
         """
         self._check_open()
         if mmap and state is not None:
             raise ValueError("mmap=True builds a new tree of read-only arrays: call restore(state=None, mmap=True)")
         self.wait_until_finished()
         mode: bool | None = None if expect_partial else bool(strict)
-        got, tree = self._restore(state, self._reader._step_arg(step), mode, mmap, None)
+        got, tree = self._restore(state, self._step_arg(step), mode, mmap, None)
         assert self.last_restore_report is not None
         return Restored(got, tree, self.last_restore_report)
 
@@ -681,7 +626,7 @@ class CheckpointManager:
         self, state: Any, step: int | None, strict: bool | None, mmap: bool, listed: list[int] | None
     ) -> tuple[int, Any]:
         if self._coord is None:
-            return self._reader._restore_any(state, step, strict, mmap, listed)
+            return self._restore_any(state, step, strict, mmap, listed)
         return restore_on_ranks(self, state, step, strict, mmap, listed)
 
     def restore_or_initialize(self, state: Any, *, strict: bool = True) -> StartStep:
@@ -696,7 +641,7 @@ class CheckpointManager:
         self.wait_until_finished()
         steps = self.all_steps()
         if not steps:
-            self._reader.last_restore_report = None
+            self.last_restore_report = None
             return StartStep(0, restored=False)
         return StartStep(self._restore(state, None, strict, False, steps)[0], restored=True)
 
@@ -712,4 +657,4 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait_until_finished()
-        return self._reader.verify(step)
+        return super().verify(step)

@@ -81,7 +81,7 @@ def save_on_ranks(
                 _dist.commit_merged(mgr._storage, manifest, replace=replace)
             except FileExistsError:
                 raise mgr._exists_error(step, by_other=True) from None
-            mgr._remember(manifest, mgr._data.index())
+            mgr._committed(manifest, mgr._data.index())
 
     committed = _dist.agree(coord, chief_commits)  # barrier 2: committed, or not
     # Rank 0 cleans up after barrier 2, so that no rank waits for it: it removes the parts,
@@ -109,8 +109,8 @@ def save_on_ranks(
         raise failure
     assert shares.result is not None
     mgr.last_save_stats = shares.result[2]
-    mgr._reader._intact.add(step)
-    mgr._reader._damaged.discard(step)
+    mgr._intact.add(step)
+    mgr._damaged.discard(step)
 
 
 def _clean_up(mgr: CheckpointManager, step: int, steps: list[int] | None, failure: BaseException | None) -> None:
@@ -141,7 +141,7 @@ def restore_on_ranks(
     assert mgr._coord is not None
     got = _dist.agree(
         mgr._coord,
-        lambda: mgr._reader._restore_any(state, step, strict, mmap, listed),
+        lambda: mgr._restore_any(state, step, strict, mmap, listed),
         lambda r: [r[0], -r[0]] if r is not None else [-1, 1],
     )
     if got.error is not None:

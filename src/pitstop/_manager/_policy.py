@@ -122,16 +122,12 @@ def resolve_policy(given: Mapping[str, Any], recorded: Mapping[str, Any] | None)
     """
     explicit = {k: v for k, v in given.items() if not isinstance(v, Unset)}
     base: dict[str, Any] = dict(recorded) if recorded is not None else Policy().record()
-    if recorded is None:
-        base["keep_best"] = UNSET
     merged = {**base, **explicit}
-    if isinstance(merged["keep_best"], Unset) or merged["keep_best"] is None:
+    if explicit.get("keep_best") is None:  # not given: the recorded one, if it ranks by the same metric
         same_metric = recorded is not None and recorded.get("best_metric") == merged["best_metric"]
         merged["keep_best"] = (
             recorded["keep_best"] if same_metric and recorded else int(merged["best_metric"] is not None)
         )
-    elif "best_metric" in explicit and explicit["best_metric"] is None and "keep_best" not in explicit:
-        merged["keep_best"] = 0  # ranking turned off explicitly: nothing to keep as best
     return Policy(**merged)
 
 

@@ -218,53 +218,46 @@ class CheckpointReader:
     ) -> None:
         if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
             raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
-        self._storage: Storage = storage if storage is not None else open_storage(os.fspath(directory), storage_options)
-        self.directory = self._storage.location
-        self._pool = ThreadPoolExecutor(io_threads or default_threads(), thread_name_prefix="pitstop-io")
-        self._owns_pool = True
+        self._open_view(
+            storage if storage is not None else open_storage(os.fspath(directory), storage_options),
+            ThreadPoolExecutor(io_threads or default_threads(), thread_name_prefix="pitstop-io"),
+            owns_pool=True,
+            given=dict.fromkeys(_POLICY_OPTIONS, UNSET),
+            restore_rng=restore_rng,
+        )
+
+    def _open_view(
+        self,
+        storage: Storage,
+        pool: ThreadPoolExecutor,
+        *,
+        owns_pool: bool,
+        given: dict[str, Any],
+        restore_rng: bool,
+        rank: int = 0,
+        world: int = 1,
+        writer: bool = False,
+    ) -> None:
+        """Set up the read side (a :class:`CheckpointManager` calls it for its own, with
+        ``writer=True``: it is the one writer, so what it cached stays true)."""
+        self._storage: Storage = storage
+        self.directory = storage.location
+        self._pool = pool
+        self._owns_pool = owns_pool
         # a reader does not know what the writer did since it cached a manifest: restores
-        # read the manifest again (a manager's read side knows: it is the writer)
-        self._trust_cache = False
+        # read the manifest again (a manager knows: it is the writer)
+        self._trust_cache = writer
         self._restore_rng = bool(restore_rng)
-        self._rank, self._world = 0, 1
-        self._given: dict[str, Any] = dict.fromkeys(_POLICY_OPTIONS, UNSET)
+        self._rank, self._world = rank, world
+        self._given: dict[str, Any] = dict(given)
         self._resolved: Policy | None = None
         self._recorded: dict[str, Any] | None = None
         self._cache: dict[int, Manifest] = {}
         self._cache_lock = threading.Lock()
-        # steps this reader knows verify (restored in full, verified) or found damaged
+        # steps known to verify (restored in full, verified, committed here) or found damaged
         self._intact: set[int] = set()
         self._damaged: set[int] = set()
         self.last_restore_report: RestoreReport | None = None
-
-    @classmethod
-    def _of_manager(
-        cls,
-        storage: Storage,
-        pool: ThreadPoolExecutor,
-        *,
-        given: dict[str, Any],
-        restore_rng: bool,
-        rank: int,
-        world: int,
-    ) -> CheckpointReader:
-        """The read side of a manager: its storage, IO threads, policy options and rank."""
-        self = cls.__new__(cls)
-        self._storage = storage
-        self.directory = storage.location
-        self._pool = pool
-        self._owns_pool = False
-        self._trust_cache = True
-        self._restore_rng = restore_rng
-        self._rank, self._world = rank, world
-        self._given = dict(given)
-        self._resolved = None
-        self._recorded = None
-        self._cache = {}
-        self._cache_lock = threading.Lock()
-        self._intact, self._damaged = set(), set()
-        self.last_restore_report = None
-        return self
 
     def __enter__(self) -> CheckpointReader:
         return self
