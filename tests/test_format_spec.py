@@ -45,6 +45,7 @@ LAYOUT_RE = re.compile(  # §2
 )
 BODY_KEYS = {"format_version", "hash", "step", "time", "tree", "rng", "arrays", "segments", "objects", "metrics",
              "metadata", "versions"}  # fmt: skip
+POLICY_KEYS = {"max_to_keep", "keep_best", "best_metric", "best_mode", "keep_every_n_steps"}  # §5, version 2
 SEGMENT_KEYS = {"object", "offset", "length", "checksum", "stored", "codec"}
 KINDS = {"dict", "list", "tuple", "array", "scalar", "value", "float", "object"}
 NONFINITE = ("nan", "inf", "-inf")
@@ -108,7 +109,7 @@ def envelope_body(data: bytes) -> bytes:
     m = HEADER_RE.match(data)
     if m is None:
         raise SpecError("not a pitstop manifest")
-    if int(m.group(1)) != 1:
+    if int(m.group(1)) not in (1, 2):
         raise SpecError(f"unknown format version {int(m.group(1))}")
     rest = data[m.end() :]
     rest = rest[:-1] if rest.endswith(b"\n") else rest
@@ -174,10 +175,13 @@ def parse_manifest(data: bytes, step: int | None = None) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         raise SpecError(f"invalid JSON: {exc}") from None
     body = _obj(body, "body")
-    if set(body) != BODY_KEYS:
+    version = int(HEADER_RE.match(data).group(1))  # type: ignore[union-attr]  (checked by envelope_body)
+    if set(body) != BODY_KEYS and not (version == 2 and set(body) == BODY_KEYS | {"policy"}):
         raise SpecError(f"body keys {sorted(body)}")
-    if body["format_version"] != 1 or type(body["format_version"]) is not int or body["hash"] != "xxh3-128":
+    if body["format_version"] != version or type(body["format_version"]) is not int or body["hash"] != "xxh3-128":
         raise SpecError("format_version/hash")
+    if "policy" in body:
+        _policy(body["policy"])
     _int(body["step"], 0, (1 << 64) - 1, "step")
     if step is not None and body["step"] != step:
         raise SpecError("step differs from the file name")
@@ -234,6 +238,23 @@ def parse_manifest(data: bytes, step: int | None = None) -> dict[str, Any]:
     _obj(body["metadata"], "metadata")
     _obj(body["versions"], "versions")
     return body
+
+
+def _policy(p: Any) -> None:
+    """§5: a version-2 ``policy``."""
+    p = _obj(p, "policy")
+    if set(p) != POLICY_KEYS:
+        raise SpecError(f"policy keys {sorted(p)}")
+    for key in ("max_to_keep", "keep_every_n_steps"):
+        if p[key] is not None:
+            _int(p[key], 1, MAX_INT, f"policy.{key}")
+    _int(p["keep_best"], 0, MAX_INT, "policy.keep_best")
+    if p["best_metric"] is not None and type(p["best_metric"]) is not str:
+        raise SpecError("policy.best_metric")
+    if p["keep_best"] and p["best_metric"] is None:
+        raise SpecError("policy.keep_best without best_metric")
+    if p["best_mode"] not in ("min", "max"):
+        raise SpecError("policy.best_mode")
 
 
 def objects_of(body: dict[str, Any]) -> dict[str, int]:
@@ -493,7 +514,9 @@ def test_round_trip_through_spec_reader(tmp_path: Path, small_sizes: dict[str, i
     tree, body = read_checkpoint(root, 7)
     assert_same(tree, state)
 
-    assert body["format_version"] == 1 and body["hash"] == "xxh3-128" and body["step"] == 7
+    assert body["format_version"] == 2 and body["hash"] == "xxh3-128" and body["step"] == 7
+    assert body["policy"] == {"max_to_keep": 3, "keep_best": 0, "best_metric": None, "best_mode": "min",
+                              "keep_every_n_steps": None}  # fmt: skip
     assert t0 <= body["time"] <= t1
     assert body["metrics"] == {"loss": 0.25, "bad": "nan", "up": "inf", "down": "-inf", "n": 3.0}
     assert body["metadata"] == metadata
@@ -600,7 +623,7 @@ def test_envelope_and_canonical_body(tmp_path: Path) -> None:
     root = tmp_path / "ck"
     save(root, [(5, make_state())])
     data = (root / "manifests" / "00000000000000000005.json").read_bytes()
-    head = b'{"format":"pitstop/1","checksum":"'
+    head = b'{"format":"pitstop/2","checksum":"'
     assert data.startswith(head) and data[len(head) + 32 : 79] == b'","manifest":' and data.endswith(b"}\n")
     body = data[79:-2]
     assert xxh3(body) == data[len(head) : len(head) + 32].decode()
@@ -709,7 +732,7 @@ def base_manifest(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return (root / "manifests" / "00000000000000000007.json").read_bytes()
 
 
-def envelope(body: bytes, version: int = 1) -> bytes:
+def envelope(body: bytes, version: int = 2) -> bytes:
     return f'{{"format":"pitstop/{version}","checksum":"{xxh3(body)}","manifest":'.encode() + body + b"}\n"
 
 
@@ -808,7 +831,14 @@ BODY_MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "rng nested 401 deep": _set(("rng",), _chain("tuple", 401)),
     "missing body key": lambda b: b.pop("metadata"),
     "extra body key": _set(("model_config",), {}),
-    "format_version 2": _set(("format_version",), 2),
+    "format_version 1": _set(("format_version",), 1),
+    "format_version 3": _set(("format_version",), 3),
+    "policy with an extra key": _set(("policy", "keep_all"), True),
+    "policy without a key": lambda b: b["policy"].pop("best_mode"),
+    "policy keep_best without metric": _set(("policy", "keep_best"), 2),
+    "policy max_to_keep 0": _set(("policy", "max_to_keep"), 0),
+    "policy best_mode": _set(("policy", "best_mode"), "lowest"),
+    "policy not an object": _set(("policy",), [3]),
     "other hash": _set(("hash",), "sha256"),
     "step differs from name": _set(("step",), 8),
     "float step": _set(("step",), 7.0),
@@ -826,6 +856,11 @@ ACCEPTED_MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
         "x", {"object": {"type": "t", "state": {"value": 1}, "config": {"keras": {"class_name": "Lambda"}}}}
     ),
     "non-finite metric strings": _set(("metrics",), {"a": "nan", "b": "-inf", "c": 1}),
+    "version 2 without a policy": lambda b: b.pop("policy"),
+    "a full policy": _set(
+        ("policy",),
+        {"max_to_keep": None, "keep_best": 2, "best_metric": "val_loss", "best_mode": "max", "keep_every_n_steps": 5},
+    ),
 }
 
 
@@ -850,11 +885,12 @@ RAW_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
 
 FILE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
     "checksum mismatch": lambda data: data.replace(b'"loss":0.5', b'"loss":0.6'),
-    "version 2 envelope": lambda data: envelope(data[79:-2], version=2),
+    "version 1 envelope of a policy": lambda data: envelope(data[79:-2], version=1),
+    "version 3 envelope": lambda data: envelope(data[79:-2], version=3),
     "version 0 envelope": lambda data: envelope(data[79:-2], version=0),
     "truncated": lambda data: data[:-10],
     "no closing brace": lambda data: data[:-2] + b"\n",
-    "whitespace in header": lambda data: data.replace(b'"format":"pitstop/1"', b'"format": "pitstop/1"', 1),
+    "whitespace in header": lambda data: data.replace(b'"format":"pitstop/2"', b'"format": "pitstop/2"', 1),
     "upper-case checksum": lambda data: data[:34] + data[34:66].upper() + data[66:],
     "empty file": lambda data: b"",
 }
@@ -890,6 +926,16 @@ def test_valid_body_is_accepted_by_spec_and_implementation(base_manifest: bytes,
     body = json.loads(envelope_body(base_manifest))
     ACCEPTED_MUTATIONS[name](body)
     assert both_readers(envelope(dumps(body))) == (True, True)
+
+
+def test_version_1_manifests_are_still_read(base_manifest: bytes) -> None:
+    """§12: a version-1 manifest (no policy) is what earlier releases wrote; both readers read it."""
+    body = json.loads(envelope_body(base_manifest))
+    del body["policy"]
+    body["format_version"] = 1
+    assert both_readers(envelope(dumps(body), version=1)) == (True, True)
+    body["policy"] = json.loads(envelope_body(base_manifest))["policy"]
+    assert both_readers(envelope(dumps(body), version=1)) == (False, False)  # policy is version 2 only
 
 
 @pytest.mark.parametrize("name", sorted(RAW_MUTATIONS))

@@ -29,8 +29,17 @@ from ._errors import (
     StorageError,
     UnsupportedStateError,
 )
-from ._manager import CheckpointManager, CorruptCheckpointWarning, GcReport, PartialRestoreWarning, RestoreReport
+from ._manager import (
+    CheckpointManager,
+    CorruptCheckpointWarning,
+    GcReport,
+    PartialRestoreWarning,
+    Restored,
+    RestoreReport,
+    StartStep,
+)
 from ._oneoff import restore, save
+from ._policy import PolicyChangedWarning
 from ._tree import Stateful
 
 __version__ = "0.1.0"
@@ -46,7 +55,10 @@ __all__ = [
     "GcReport",
     "Mismatch",
     "PartialRestoreWarning",
+    "PolicyChangedWarning",
     "RestoreReport",
+    "Restored",
+    "StartStep",
     "StateMismatchError",
     "Stateful",
     "StorageError",

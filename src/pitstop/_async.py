@@ -109,6 +109,17 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=run, name="pitstop-writer", daemon=False)
         self._thread.start()
 
+    def join(self) -> None:
+        """Block until the job in flight is done, keeping its exception for ``wait``."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def take_error(self) -> BaseException | None:
+        """The stored exception of a finished job (once), without raising it."""
+        err, self._error = self._error, None
+        return err
+
     def wait(self) -> None:
         """Block until the job in flight is done; re-raise its exception once."""
         if self._thread is not None:

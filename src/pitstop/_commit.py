@@ -148,13 +148,18 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def publish(directory: str, final_name: str, data: bytes) -> None:
+def publish(directory: str, final_name: str, data: bytes, *, replace: bool = False) -> None:
     """The commit: durably write ``data`` and make ``directory/final_name`` appear atomically.
 
     Readers see either no file or the complete file. On return the name is durable.
 
+    ``replace``: atomically replace an existing ``final_name`` (``rename``): readers see the
+    old or the new complete file, never neither. Only for a writer replacing a checkpoint
+    it holds the lock of (a damaged step, or an epoch-end state superseding its own save).
+
     Raises:
-        FileExistsError: ``final_name`` already exists (a checkpoint is never overwritten).
+        FileExistsError: ``final_name`` already exists (a checkpoint is never overwritten
+            unless ``replace``).
     """
     final = os.path.join(directory, final_name)
     tmp = os.path.join(directory, temporary_name(final_name))
@@ -168,6 +173,10 @@ def publish(directory: str, final_name: str, data: bytes) -> None:
         # link() refuses to replace an existing name, unlike rename(): a committed
         # checkpoint can never be clobbered, even by a second writer that ignored the lock.
         try:
+            if replace:
+                os.replace(tmp, final)
+                fsync_dir(directory)
+                return
             os.link(tmp, final)
         except FileExistsError:
             raise

@@ -448,12 +448,16 @@ def merge_parts(
     return manifest
 
 
-def commit_merged(storage: Storage, manifest: Manifest) -> Manifest:
-    """Validate the merged manifest as a reader would, then publish it (the commit)."""
+def commit_merged(storage: Storage, manifest: Manifest, *, replace: bool = False) -> Manifest:
+    """Validate the merged manifest as a reader would, then publish it (the commit);
+    ``replace``: it replaces a damaged manifest of its step."""
     data = encode_manifest(manifest)
     name = manifest_name(manifest.step)
     decode_manifest(data, where=f"{storage.location}/manifests/{name}", step=manifest.step)
-    storage.publish_manifest(name, data)
+    if replace:
+        storage.publish_manifest(name, data, replace=True)
+    else:
+        storage.publish_manifest(name, data)
     return manifest
 
 

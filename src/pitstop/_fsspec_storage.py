@@ -284,8 +284,9 @@ class FsspecStorage:
             raise StorageError(f"manifest {where} is larger than {MAX_MANIFEST_BYTES} bytes", path=where)
         return data
 
-    def publish_manifest(self, name: str, data: bytes) -> None:
-        """The commit: upload the manifest last, refusing to replace an existing one.
+    def publish_manifest(self, name: str, data: bytes, *, replace: bool = False) -> None:
+        """The commit: upload the manifest last, refusing to replace an existing one
+        (unless ``replace``: an object PUT replaces atomically, readers see old or new).
 
         Raises:
             FileExistsError: the step is already committed (by another writer).
@@ -295,6 +296,14 @@ class FsspecStorage:
         with self._errors("committing manifest", path):
             if self._lease is not None:
                 self._lease.ensure_held()
+            if replace:
+                if self._object_store:
+                    self._put(path, data)
+                else:
+                    tmp = self._path(_commit.MANIFEST_DIR, _commit.temporary_name(name))
+                    self.fs.pipe_file(tmp, data)
+                    self.fs.mv(tmp, path)
+                return
             if not self._object_store:
                 if self.fs.exists(path):
                     raise FileExistsError(path)

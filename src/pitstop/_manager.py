@@ -9,12 +9,15 @@ same directory need no lock and see only committed checkpoints.
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import operator
 import os
 import signal
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,14 +33,16 @@ from ._errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DirectoryLockedError,
     StateMismatchError,
     UnsupportedStateError,
 )
 from ._gcpause import paused_gc
 from ._manifest import Manifest, decode_manifest, manifest_name, step_of_manifest_name
+from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
 from ._preempt import PreemptionWatcher, parse_signals
 from ._reader import read_arrays, verify_manifest
-from ._retention import KeepBest, KeepEveryN, KeepLatest, Record, RetentionRule, best_step, select
+from ._retention import Record, best_step, select
 from ._rng import capture_rng as _capture_rng
 from ._rng import restore_rng
 from ._storage import MissingFileError, Storage, WriterLock, open_storage
@@ -55,7 +60,15 @@ from ._tree import (
 )
 from ._writer import Compression, DedupIndex, SaveStats, write_checkpoint
 
-__all__ = ["CheckpointManager", "CorruptCheckpointWarning", "GcReport", "PartialRestoreWarning", "RestoreReport"]
+__all__ = [
+    "CheckpointManager",
+    "CorruptCheckpointWarning",
+    "GcReport",
+    "PartialRestoreWarning",
+    "RestoreReport",
+    "Restored",
+    "StartStep",
+]
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -76,6 +89,90 @@ class RestoreReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
 
+    @property
+    def skipped(self) -> list[str]:
+        """Everything a partial restore left out: missing, unexpected and mismatched entries."""
+        return [*self.missing, *self.unexpected, *self.mismatched]
+
+
+class Restored(tuple[int, Any]):
+    """What ``restore`` returns: unpacks as ``(step, tree)``, and says what it did.
+
+    Attributes:
+        step: The step restored.
+        tree: The restored state (the given state, updated in place, or a new tree).
+        report: A :class:`RestoreReport`: what was restored and, for a partial restore
+            (``strict=False`` / ``expect_partial=True``), what was skipped.
+    """
+
+    report: RestoreReport
+
+    def __new__(cls, step: int, tree: Any, report: RestoreReport) -> Restored:
+        self = super().__new__(cls, (step, tree))
+        self.report = report
+        return self
+
+    @property
+    def step(self) -> int:
+        return int(self[0])
+
+    @property
+    def tree(self) -> Any:
+        return self[1]
+
+
+class StartStep(int):
+    """What ``restore_or_initialize`` returns: the step to continue from, an ``int``.
+
+    ``restored`` tells a restored checkpoint (even of step 0) from a fresh start (0).
+    """
+
+    restored: bool
+
+    def __new__(cls, step: int, *, restored: bool) -> StartStep:
+        self = super().__new__(cls, step)
+        self.restored = restored
+        return self
+
+    def __repr__(self) -> str:
+        return f"StartStep({int(self)}, restored={self.restored})"
+
+
+class _Held:
+    """What a manager holds beyond its own lifetime unless let go: the writer lock, the IO
+    threads and signal handlers. Released by ``close()``, or when the manager is garbage-
+    collected without it (a notebook cell re-run after ``fit`` raised): a ``weakref.finalize``
+    holds this object, never the manager."""
+
+    def __init__(
+        self,
+        directory: str,
+        pool: ThreadPoolExecutor,
+        watcher: PreemptionWatcher | None,
+        writer: BackgroundWriter | None,
+    ) -> None:
+        self.directory = directory
+        self.lock: WriterLock | None = None
+        self.pool = pool
+        self.watcher = watcher
+        self.writer = writer
+
+    def release(self) -> None:
+        error = self.writer.take_error() if self.writer is not None else None
+        if error is not None:  # nobody is left to raise it to: say so
+            _log.error(
+                "a background save to %s failed and its manager was dropped without close(): %s",
+                self.directory,
+                error,
+            )
+        if self.watcher is not None:
+            self.watcher.uninstall()
+            self.watcher = None
+        if self.lock is not None:
+            lock, self.lock = self.lock, None
+            lock.release()
+        self.pool.shutdown(wait=False)
+
 
 @dataclass
 class GcReport:
@@ -86,6 +183,11 @@ class GcReport:
 
 
 MAX_STEP = 2**63 - 1
+_log = logging.getLogger("pitstop")
+#: Every manager of this process not yet collected (to find a dropped one holding a lock).
+_OPEN: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+# whether a step being saved is committed already (ordered: ranks agree on the largest)
+_NEW, _DAMAGED, _INTACT = 0, 1, 2
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
 
 
@@ -133,6 +235,27 @@ def _clean_metadata(metadata: Any) -> dict[str, Any]:
 
 
 def mismatch_message(where: str, step: int, err: StateMismatchError) -> str:
+    lines = _mismatch_lines(where, step, err)
+    lines.append(
+        "Rebuild the model exactly as it was saved, or pass strict=False to restore the "
+        "entries that match and keep the rest as they are."
+    )
+    return "\n".join(lines)
+
+
+def partial_message(where: str, step: int, err: StateMismatchError) -> str:
+    """The warning of a ``strict=False`` restore: what it skipped (not what to pass)."""
+    lines = _mismatch_lines(where, step, err)
+    lines[0] = lines[0].replace("does not match the state it is restored into", "was restored partially")
+    lines.append(
+        "The entries that match were restored; the rest keep their values. Pass expect_partial=True "
+        "instead of strict=False when a partial restore is intended: it restores the same without this "
+        "warning (the result's report lists what was skipped)."
+    )
+    return "\n".join(lines)
+
+
+def _mismatch_lines(where: str, step: int, err: StateMismatchError) -> list[str]:
     lines = [
         f"checkpoint step {step} at {where} does not match the state it is restored into: "
         f"{len(err.missing)} missing, {len(err.unexpected)} unexpected, {len(err.mismatched)} mismatched"
@@ -144,11 +267,7 @@ def mismatch_message(where: str, step: int, err: StateMismatchError) -> str:
         if len(items) > 20:
             lines.append(f"  ... and {len(items) - 20} more {title}")
     lines += [f"  hint: {h}" for h in err.hints]
-    lines.append(
-        "Rebuild the model exactly as it was saved, or pass strict=False to restore the "
-        "entries that match and keep the rest as they are."
-    )
-    return "\n".join(lines)
+    return lines
 
 
 class CheckpointManager:
@@ -212,11 +331,11 @@ class CheckpointManager:
         self,
         directory: str | os.PathLike[str],
         *,
-        max_to_keep: int | None = 3,
-        keep_best: int | None = None,
-        best_metric: str | None = None,
-        best_mode: Literal["min", "max"] = "min",
-        keep_every_n_steps: int | None = None,
+        max_to_keep: int | Unset | None = UNSET,
+        keep_best: int | Unset | None = UNSET,
+        best_metric: str | Unset | None = UNSET,
+        best_mode: Literal["min", "max"] | Unset = UNSET,
+        keep_every_n_steps: int | Unset | None = UNSET,
         save_interval_steps: int = 1,
         async_save: bool | None = None,
         capture_rng: bool = True,
@@ -229,22 +348,17 @@ class CheckpointManager:
         compression_level: int = 1,
         max_snapshot_bytes: int | None = None,
     ) -> None:
-        rules: list[RetentionRule] = [KeepLatest(n=max_to_keep)]
-        self._best: KeepBest | None = None
-        if keep_best is None:
-            keep_best = 1 if best_metric is not None else 0
-        if type(keep_best) is not int or keep_best < 0:
-            raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
-        if keep_best and best_metric is None:
-            raise ValueError("keep_best needs best_metric: name the metric that ranks checkpoints")
-        if best_metric is not None:
-            self._best = KeepBest(n=max(keep_best, 1), metric=best_metric, mode=best_mode)
-            if keep_best:
-                rules.append(self._best)
-        elif best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        if keep_every_n_steps is not None:
-            rules.append(KeepEveryN(n=keep_every_n_steps))
+        self._given: dict[str, Any] = {
+            "max_to_keep": max_to_keep,
+            "keep_best": keep_best,
+            "best_metric": best_metric,
+            "best_mode": best_mode,
+            "keep_every_n_steps": keep_every_n_steps,
+        }
+        resolve_policy(self._given, None)  # invalid options fail here
+        self._resolved: Policy | None = None
+        self._recorded: dict[str, Any] | None = None  # the policy recorded when it was resolved
+        self._policy_applied = False
         if type(save_interval_steps) is not int or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
         if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
@@ -275,7 +389,6 @@ class CheckpointManager:
         self._compression = _compression_option(compression, compression_level)
         self._compression_level = compression_level
         self._max_snapshot = max_snapshot_bytes
-        self._rules = rules
         self._interval = save_interval_steps
         self._capture_rng = bool(capture_rng)
         self._storage: Storage = open_storage(os.fspath(directory), storage_options)
@@ -287,7 +400,6 @@ class CheckpointManager:
         self._writer = BackgroundWriter() if async_save else None
         self._cache: dict[int, Manifest] = {}
         self._cache_lock = threading.Lock()
-        self._lock: WriterLock | None = None
         self._index: DedupIndex | None = None
         self._buffers: list[np.ndarray[Any, Any] | None] = []
         self._buffers_full = False
@@ -296,6 +408,13 @@ class CheckpointManager:
         self.last_save_blocked = False
         self.last_restore_report: RestoreReport | None = None
         self._watcher = PreemptionWatcher(signals) if signals else None
+        # steps this manager knows verify (committed or fully restored here) or are damaged
+        self._intact: set[int] = set()
+        self._damaged: set[int] = set()
+        self._held = _Held(self.directory, self._pool, self._watcher, self._writer)
+        _OPEN.add(self)
+        self._finalizer = weakref.finalize(self, self._held.release)
+        self._finalizer.atexit = False  # at exit the process lets go of everything anyway
 
     # -- context manager --------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
@@ -364,13 +483,42 @@ class CheckpointManager:
         """The parsed manifest of ``step`` (tree, arrays, objects, versions, time)."""
         return self._manifest(step)
 
+    @property
+    def policy(self) -> Policy:
+        """The retention policy in effect: the options given, the rest as recorded with the
+        directory's newest checkpoint (see :mod:`pitstop._policy`)."""
+        return self._policy()
+
+    def _policy(self, steps: Sequence[int] | None = None) -> Policy:
+        if self._resolved is None:
+            recorded = None
+            for s in reversed(self.all_steps() if steps is None else sorted(steps)):
+                try:
+                    recorded = self._manifest(s).policy
+                except CheckpointError:
+                    continue  # a damaged or vanished newest step: the one before tells
+                break
+            self._resolved = resolve_policy(self._given, recorded)
+            self._recorded = recorded
+        return self._resolved
+
+    def _applied_policy(self, steps: Sequence[int] | None = None) -> Policy:
+        """The policy, as a writer applies it: warns once if it replaces a different one."""
+        policy = self._policy(steps)
+        if not self._policy_applied:
+            self._policy_applied = True
+            policy_change(policy, self._recorded, where=str(self.directory), stacklevel=4)
+        return policy
+
     def best_step(self) -> int | None:
         """The best step by ``best_metric`` (``None`` without a metric or any scored step)."""
-        return best_step(self._best, self._records()[0])
+        records = self._records()[0]
+        return best_step(self._policy([r.step for r in records]).best, records)
 
     def retention(self) -> dict[int, list[str]]:
         """Each committed step with the reasons it is kept (as retention would decide now)."""
-        return select(self._rules, self._records()[0])
+        records = self._records()[0]
+        return select(self._policy([r.step for r in records]).rules(), records)
 
     # -- saving -----------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -392,10 +540,10 @@ class CheckpointManager:
             When it took the lock: the committed steps it listed meanwhile (still current:
             only this manager writes now), else ``None``.
         """
-        if self._lock is not None:
+        if self._held.lock is not None:
             return None
         self._storage.ensure_layout()
-        self._lock = self._storage.lock()
+        self._held.lock = self._lock_directory()
         for tmp in self._storage.list_temporaries():  # leftovers of killed writers
             self._storage.delete_temporary(tmp)
         names = self._storage.list_manifests()
@@ -403,6 +551,23 @@ class CheckpointManager:
         steps = _steps_of(names)
         self._collect_garbage(dry_run=False, steps=steps)
         return steps
+
+    def _lock_directory(self) -> WriterLock:
+        """Take the writer lock. Held by another manager of this process that was dropped
+        without ``close()`` while its last save was in flight: that save is let finish, the
+        dropped manager collected (which releases the lock), and the lock taken."""
+        try:
+            return self._storage.lock()
+        except DirectoryLockedError:
+            holders = [m for m in list(_OPEN) if m is not self and m.directory == self.directory and m._held.lock]
+            if not holders:
+                raise
+            for m in holders:
+                if m._writer is not None:
+                    m._writer.join()
+            del holders, m
+            gc.collect()
+            return self._storage.lock()
 
     def _writer_steps(self) -> list[int]:
         """The committed steps, listed once per save by the lock holder and then kept up to date.
@@ -441,11 +606,18 @@ class CheckpointManager:
             compression: ``"zstd"`` or ``"none"`` for this save; ``None`` uses the
                 manager's ``compression``.
 
+        Saving a step that is already committed and verifies does nothing and returns
+        False (as ``tf.train.CheckpointManager`` does), so a loop whose step does not
+        advance every iteration, or a run resumed before its newest step, goes on. A
+        committed step that is damaged (it failed to verify, e.g. ``restore()`` fell back
+        past it) is replaced by this save: its manifest is atomically replaced and none of
+        its data is reused (a :class:`CorruptCheckpointWarning` says so).
+
         Returns:
-            True if a checkpoint was started, False when skipped by the interval.
+            True if a checkpoint was started; False when skipped by the interval or
+            because ``step`` is already committed intact.
 
         Raises:
-            CheckpointExistsError: ``step`` is already committed.
             UnsupportedStateError: the state holds something pitstop cannot store.
             StorageError: writing failed (or the previous background save failed).
         """
@@ -458,11 +630,17 @@ class CheckpointManager:
         want = force or not step % self._interval
         preempt = self._watcher is not None and self._watcher.requested
         listed: list[int] | None = None
+        existing = _NEW
         if self._coord is not None:
             if self._rank == 0:
                 listed = self._acquire()  # before any rank writes: taking the directory cleans leftovers
-            # every rank saves if any rank wants to; a preemption on any rank preempts all
-            code = self._coord.all_max([2 if preempt else int(want)])[0]
+                if want or preempt:
+                    steps = listed if listed is not None else self._writer_steps()
+                    listed = steps
+                    existing = self._existing(step, steps)
+            # every rank saves if any rank wants to; a preemption on any rank preempts all;
+            # rank 0 tells every rank whether the step exists (intact: skip; damaged: replace)
+            code, existing = self._coord.all_max([2 if preempt else int(want), existing])
             want, preempt = code >= 1, code == 2
         if not (want or preempt):
             return False
@@ -471,12 +649,75 @@ class CheckpointManager:
         else:
             codec = _compression_option(None if compression == "none" else compression, self._compression_level)
         if self._coord is not None:
-            self._save_multi(step, state, metrics, metadata, codec, listed)
+            started = existing != _INTACT and self._save_multi(
+                step, state, metrics, metadata, codec, listed, replace=existing == _DAMAGED
+            )
         else:
-            self._save_local(step, state, metrics, metadata, codec)
+            started = self._save_local(step, state, metrics, metadata, codec)
         if preempt:
             self._on_preempted()
-        return True
+        return started
+
+    def _replace(
+        self, step: int, state: Any, *, metrics: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Save ``state`` as ``step``, atomically replacing the checkpoint of ``step`` if one
+        is committed (readers see the old or the new one, never neither).
+
+        For ``pitstop.keras.Checkpoint``: the state at an epoch's end supersedes the save
+        taken at its last batch, and callbacks' counters updated after the epoch-end save
+        supersede that save, without a moment in which the finished epoch is not on disk.
+        Single-process managers only.
+        """
+        self._check_open()
+        if self._coord is not None:
+            raise CheckpointError("replacing a checkpoint is not supported with a coordinator", path=self.directory)
+        if self._writer is not None:
+            self._writer.wait()
+        self._save_local(int(step), state, metrics, metadata, self._compression, replace=True)
+
+    def _existing(self, step: int, steps: Sequence[int]) -> int:
+        """Whether committed ``step`` is absent (``_NEW``), ``_INTACT`` or ``_DAMAGED``.
+
+        A step is verified once per manager (its checksums read in full); steps this
+        manager committed or restored in full are known intact, steps a restore or verify
+        found damaged are known damaged.
+        """
+        if step not in steps:
+            return _NEW
+        if step in self._intact:
+            return _INTACT
+        if step not in self._damaged:
+            where = f"{self.directory}/manifests/{manifest_name(step)}"
+            try:
+                m = self._manifest(step)
+                problems = verify_manifest(self._storage, m, self._pool, describer(m), where)
+            except CheckpointNotFoundError:
+                return _NEW  # deleted meanwhile (only by this, the lock holder): nothing to keep
+            except CorruptCheckpointError as exc:
+                problems = [str(exc)]
+            if not problems:
+                self._intact.add(step)
+                return _INTACT
+            self._damaged.add(step)
+        warnings.warn(
+            f"checkpoint step {step} in {self.directory} is damaged; this save replaces it (none of its "
+            "data is reused)",
+            CorruptCheckpointWarning,
+            stacklevel=4,
+        )
+        return _DAMAGED
+
+    def _damaged_objects(self, step: int) -> set[str]:
+        """The objects of damaged ``step`` (when its manifest is readable): never reused."""
+        try:
+            m = self._manifest(step)
+        except CheckpointError:
+            return set()
+        finally:
+            with self._cache_lock:
+                self._cache.pop(step, None)
+        return set(m.objects)
 
     def _exists_error(self, step: int, *, by_other: bool = False) -> CheckpointExistsError:
         what = "was committed by someone else" if by_other else "already exists"
@@ -493,13 +734,25 @@ class CheckpointManager:
             self._cache[manifest.step] = manifest
         index.add(manifest)
 
-    def _save_local(self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None) -> None:
+    def _save_local(
+        self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None, *, replace: bool = False
+    ) -> bool:
+        """``replace``: the caller replaces its own intact ``step`` (an epoch-end state
+        superseding the save at the epoch's last batch)."""
         clean_metrics = _clean_metrics(metrics)
         clean_metadata = _clean_metadata(metadata)
         listed = self._acquire()
         steps = listed if listed is not None else self._writer_steps()
-        if step in steps:
-            raise self._exists_error(step)
+        bad: set[str] = set()
+        if not replace:
+            existing = self._existing(step, steps)
+            if existing == _INTACT:
+                return False
+            if existing == _DAMAGED:
+                replace, bad = True, self._damaged_objects(step)
+        elif step not in steps:
+            replace = False
+        policy = self._applied_policy(steps)
         with paused_gc():
             rng = _capture_rng() if self._capture_rng else None
             flat = flatten_state(state, rng)
@@ -514,13 +767,24 @@ class CheckpointManager:
         self.last_save_blocked = not background
         if background:
             assert self._writer is not None
-            self._writer.submit(lambda: self._write(step, flat, clean_metrics, clean_metadata, codec, steps))
+            self._writer.submit(
+                lambda: self._write(step, flat, clean_metrics, clean_metadata, codec, steps, policy, replace, bad)
+            )
         else:
-            self._write(step, flat, clean_metrics, clean_metadata, codec, steps)
+            self._write(step, flat, clean_metrics, clean_metadata, codec, steps, policy, replace, bad)
+        return True
 
     def _save_multi(
-        self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None, listed: list[int] | None
-    ) -> None:
+        self,
+        step: int,
+        state: Any,
+        metrics: Any,
+        metadata: Any,
+        codec: Compression | None,
+        listed: list[int] | None,
+        *,
+        replace: bool = False,
+    ) -> bool:
         """One rank's side of a multi-worker save (see ``pitstop._distributed``).
 
         ``listed``: on rank 0, the steps ``_acquire`` listed when it took the lock just now.
@@ -538,12 +802,14 @@ class CheckpointManager:
                 steps = listed
             else:
                 steps = self._writer_steps() if self._rank == 0 else self.all_steps()
-            if step in steps:
+            if step in steps and not replace:
                 raise self._exists_error(step)
             with paused_gc(), _dist.rank_context(self._rank):
                 rng = _capture_rng() if self._capture_rng else {}
                 flat = flatten_state(state, _dist.PerRank(rng))
                 index = self._dedup_index(steps)
+                if replace:  # a damaged step: none of its data is reused
+                    index = self._index = index.without(self._damaged_objects(step))
                 written, stats = _dist.write_part(
                     self._storage, self._pool, step=step, flat=flat, rank=self._rank, world_size=self._world,
                     index=index, compression=codec,
@@ -555,7 +821,7 @@ class CheckpointManager:
         chief_error: BaseException | None = None
         if self._rank == 0 and not failed:
             try:
-                self._commit_parts(step, clean_metrics, clean_metadata)
+                self._commit_parts(step, clean_metrics, clean_metadata, self._applied_policy(steps), replace)
             except Exception as exc:
                 chief_error = exc
         chief_failed = self._coord.all_max([int(chief_error is not None)])[0]  # barrier 2: committed
@@ -580,10 +846,13 @@ class CheckpointManager:
                 step=step,
             )
         if self._rank == 0:
-            self._clean_up_after_commit(step, None if failure is not None else [*steps, step], failure)
+            self._clean_up_after_commit(step, None if failure is not None else sorted({*steps, step}), failure)
         if failure is not None:
             raise failure
         self.last_save_stats = stats
+        self._intact.add(step)
+        self._damaged.discard(step)
+        return True
 
     def _clean_up_after_commit(self, step: int, steps: list[int] | None, failure: BaseException | None) -> None:
         """Rank 0 after barrier 2: remove the parts of ``step``; after a commit (``steps``:
@@ -605,13 +874,16 @@ class CheckpointManager:
                 step=step,
             ) from exc
 
-    def _commit_parts(self, step: int, metrics: dict[str, float], metadata: dict[str, Any]) -> None:
+    def _commit_parts(
+        self, step: int, metrics: dict[str, float], metadata: dict[str, Any], policy: Policy, replace: bool
+    ) -> None:
         with paused_gc():
             manifest = _dist.merge_parts(
                 self._storage, step=step, world_size=self._world, metrics=metrics, metadata=metadata
             )
+            manifest.policy = policy.record()
             try:
-                _dist.commit_merged(self._storage, manifest)
+                _dist.commit_merged(self._storage, manifest, replace=replace)
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None
             self._remember(manifest, self._dedup_index())
@@ -683,9 +955,19 @@ class CheckpointManager:
         metadata: dict[str, Any],
         codec: Compression | None = None,
         steps: list[int] | None = None,
+        policy: Policy | None = None,
+        replace: bool = False,
+        bad: set[str] | frozenset[str] = frozenset(),
     ) -> None:
+        """Write and commit one checkpoint (on the background thread with ``async_save``).
+
+        ``replace``: atomically replace the committed manifest of ``step``; ``bad``: objects
+        of a damaged step the new checkpoint must not refer to.
+        """
         with paused_gc():
             index = self._dedup_index(steps)
+            if bad:
+                index = self._index = index.without(set(bad))
             try:
                 manifest, stats = write_checkpoint(
                     self._storage,
@@ -697,12 +979,16 @@ class CheckpointManager:
                     index=index,
                     compression=codec,
                     threads=self._io_threads,
+                    policy=(policy or self._policy(steps)).record(),
+                    replace=replace,
                 )
             except FileExistsError:
                 raise self._exists_error(step, by_other=True) from None
             self._remember(manifest, index)
             self.last_save_stats = stats
-            self._apply_retention(None if steps is None else [*steps, step])
+            self._intact.add(step)
+            self._damaged.discard(step)
+            self._apply_retention(None if steps is None else sorted({*steps, step}))
 
     def _dedup_index(self, steps: list[int] | None = None) -> DedupIndex:
         if self._index is None:
@@ -724,7 +1010,7 @@ class CheckpointManager:
                 ``_writer_steps``); ``None`` lists them.
         """
         records, _ = self._records(steps)
-        keep = select(self._rules, records)
+        keep = select(self._policy(steps).rules(), records)
         for r in records:
             if r.step not in keep:
                 self._storage.delete_manifest(manifest_name(r.step))
@@ -774,8 +1060,8 @@ class CheckpointManager:
             report.files += self._storage.list_temporaries()
             return report
         self._storage.ensure_layout()
-        if self._lock is None:
-            self._lock = self._storage.lock()
+        if self._held.lock is None:
+            self._held.lock = self._lock_directory()
         report = GcReport(files=self._storage.list_temporaries())
         for tmp in report.files:
             self._storage.delete_temporary(tmp)
@@ -814,27 +1100,33 @@ class CheckpointManager:
             self.wait_until_finished()
         finally:
             self._closed = True
-            if self._watcher is not None:
-                self._watcher.uninstall()
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
             self._pool.shutdown(wait=True)
+            self._finalizer()  # releases the lock and the signal handlers, once
 
     # -- restoring --------------------------------------------------------------------
     def restore(
-        self, state: Any = None, *, step: int | None = None, strict: bool = True, mmap: bool = False
-    ) -> tuple[int, Any]:
+        self,
+        state: Any = None,
+        *,
+        step: int | Literal["latest", "best"] | None = None,
+        strict: bool = True,
+        expect_partial: bool = False,
+        mmap: bool = False,
+    ) -> Restored:
         """Restore a checkpoint, in place into ``state`` or as a new tree.
 
         Args:
             state: The state to restore into (arrays and objects in place, plain values
                 written back into its dicts/lists); ``None`` builds a dict of NumPy arrays.
-            step: The step to restore; ``None`` means the newest checkpoint that is valid
-                (corrupt or partial newer ones are skipped with a warning).
+            step: The step to restore; ``None`` or ``"latest"`` means the newest checkpoint
+                that is valid (corrupt or partial newer ones are skipped with a warning);
+                ``"best"`` the best by the recorded ``best_metric``.
             strict: Raise :class:`StateMismatchError` when the checkpoint and ``state``
                 differ; with ``False`` restore the matching entries and report the rest
-                (``last_restore_report`` and a :class:`PartialRestoreWarning`).
+                (the result's ``report`` and a :class:`PartialRestoreWarning`).
+            expect_partial: A partial restore is intended (TensorFlow's
+                ``expect_partial()``): restore the matching entries as ``strict=False``
+                does, without a warning; what was skipped is on the result's ``report``.
             mmap: With ``state=None`` on a local directory: return arrays as read-only
                 views of the memory-mapped data files instead of copies (no allocation,
                 pages shared with the OS cache). Every segment's checksum is verified
@@ -842,7 +1134,8 @@ class CheckpointManager:
                 stored in several chunks (over 64 MiB) or compressed are read as usual.
 
         Returns:
-            ``(step, tree)``: the step restored and the restored state.
+            A :class:`Restored`: unpacks as ``(step, tree)``, the step restored and the
+            restored state; its ``report`` says what was restored and skipped.
 
         Raises:
             CheckpointNotFoundError: no (such) checkpoint exists.
@@ -853,10 +1146,35 @@ class CheckpointManager:
         if mmap and state is not None:
             raise ValueError("mmap=True builds a new tree of read-only arrays: call restore(state=None, mmap=True)")
         self.wait_until_finished()
-        return self._restore(state, step, strict, mmap, None)
+        mode: bool | None = None if expect_partial else bool(strict)
+        got, tree = self._restore(state, self._step_arg(step), mode, mmap, None)
+        assert self.last_restore_report is not None
+        return Restored(got, tree, self.last_restore_report)
+
+    def _step_arg(self, step: Any) -> int | None:
+        """``restore``'s ``step``: an int, ``None``/``"latest"`` (newest valid) or ``"best"``."""
+        if step is None or step == "latest":
+            return None
+        if step == "best":
+            best = self.best_step()
+            if best is None:
+                policy = self._policy()
+                why = (
+                    f"no checkpoint has the metric {policy.best_metric!r}"
+                    if policy.best_metric is not None
+                    else "no best_metric is recorded or given"
+                )
+                raise CheckpointNotFoundError(
+                    f"no best checkpoint in {self.directory}: {why}; existing steps: {self.all_steps()}",
+                    path=self.directory,
+                )
+            return best
+        if (type(step) is not int and not isinstance(step, np.integer)) or step < 0:
+            raise ValueError(f"step must be an int >= 0, 'latest' or 'best', got {step!r}")
+        return int(step)
 
     def _restore(
-        self, state: Any, step: int | None, strict: bool, mmap: bool, listed: list[int] | None
+        self, state: Any, step: int | None, strict: bool | None, mmap: bool, listed: list[int] | None
     ) -> tuple[int, Any]:
         if self._coord is None:
             return self._restore_any(state, step, strict, mmap, listed)
@@ -885,7 +1203,7 @@ class CheckpointManager:
         return got, tree
 
     def _restore_any(
-        self, state: Any, step: int | None, strict: bool, mmap: bool, listed: list[int] | None = None
+        self, state: Any, step: int | None, strict: bool | None, mmap: bool, listed: list[int] | None = None
     ) -> tuple[int, Any]:
         """``listed``: the steps the caller has just listed, used for the first attempt."""
         if step is not None:
@@ -908,6 +1226,7 @@ class CheckpointManager:
             except CorruptCheckpointError as exc:
                 if not self._storage_has(s):
                     continue  # deleted by retention while we read it
+                self._damaged.add(s)
                 problems.append(f"step {s}: {exc}")
                 warnings.warn(
                     f"skipping checkpoint step {s} in {self.directory}: {exc}", CorruptCheckpointWarning, stacklevel=2
@@ -926,19 +1245,23 @@ class CheckpointManager:
             problems=problems,
         )
 
-    def restore_or_initialize(self, state: Any, *, strict: bool = True) -> int:
+    def restore_or_initialize(self, state: Any, *, strict: bool = True) -> StartStep:
         """Restore the newest valid checkpoint into ``state`` in place; return its step.
 
-        Returns 0 (and leaves ``state`` untouched) when the directory has no checkpoint.
+        Returns:
+            A :class:`StartStep`, an ``int``: the step restored, or 0 (``state`` left
+            untouched) when the directory has no checkpoint; its ``restored`` attribute
+            tells "restored step 0" (True) from "nothing to restore" (False).
         """
         self._check_open()
         self.wait_until_finished()
         steps = self.all_steps()
         if not steps:
-            return 0
-        return self._restore(state, None, strict, False, steps)[0]
+            self.last_restore_report = None
+            return StartStep(0, restored=False)
+        return StartStep(self._restore(state, None, strict, False, steps)[0], restored=True)
 
-    def _restore_known_step(self, step: int, state: Any, strict: bool, mmap: bool = False) -> Any:
+    def _restore_known_step(self, step: int, state: Any, strict: bool | None, mmap: bool = False) -> Any:
         try:
             return self._restore_step(step, state, strict, mmap)
         except CorruptCheckpointError:
@@ -951,11 +1274,11 @@ class CheckpointManager:
                 step=step,
             ) from None
 
-    def _restore_step(self, step: int, state: Any, strict: bool, mmap: bool = False) -> Any:
+    def _restore_step(self, step: int, state: Any, strict: bool | None, mmap: bool = False) -> Any:
         with paused_gc():
             return self._restore_step_unpaused(step, state, strict, mmap)
 
-    def _restore_step_unpaused(self, step: int, state: Any, strict: bool, mmap: bool) -> Any:
+    def _restore_step_unpaused(self, step: int, state: Any, strict: bool | None, mmap: bool) -> Any:
         m = self._manifest(step)
         where = f"{self.directory}/manifests/{manifest_name(step)}"
         describe = describer(m)
@@ -969,6 +1292,7 @@ class CheckpointManager:
                 self._storage, m, dict.fromkeys(node_arrays(m.tree)), self._pool, describe, where, mmap=mmap
             )
             self.last_restore_report = RestoreReport(step, restored=["<all>"])
+            self._intact.add(step)
             return build_tree(m.tree, arrays)
         run_restore_hooks(state)
         with _dist.rank_context(self._rank):
@@ -984,8 +1308,10 @@ class CheckpointManager:
         rng_node: dict[str, Any] | None,
         view: _dist.RankView | None,
         state: Any,
-        strict: bool,
+        strict: bool | None,
     ) -> Any:
+        """``strict``: True raises on a mismatch, False restores the intersection with a
+        warning, None (``expect_partial``) without one."""
         plan, root = plan_restore(tree, state, m.arrays)
         if view is not None:
             _check_rank_plan(plan, view, where, step, self._rank, self._world, strict)
@@ -998,11 +1324,8 @@ class CheckpointManager:
             err.args = (err.message,)
             if strict:
                 raise err
-            warnings.warn(
-                err.message.replace("Rebuild the model", "Skipped; rebuild the model"),
-                PartialRestoreWarning,
-                stacklevel=3,
-            )
+            if strict is not None:
+                warnings.warn(partial_message(self.directory, step, err), PartialRestoreWarning, stacklevel=3)
         requests = dict(plan.reads)
         rng_ids = node_arrays(rng_node) if (self._capture_rng and rng_node is not None) else []
         for i in rng_ids:
@@ -1011,6 +1334,8 @@ class CheckpointManager:
         plan.execute(arrays)
         if self._capture_rng and rng_node is not None:
             restore_rng(build_tree(rng_node, arrays), where)
+        if plan.ok:
+            self._intact.add(step)
         self.last_restore_report = RestoreReport(
             step,
             restored=["<all>"] if plan.ok else [display_path(p) for p in sorted(plan.restored, key=_path_order)],
@@ -1048,6 +1373,7 @@ class CheckpointManager:
                 raise
             except CorruptCheckpointError as exc:
                 problems.append(f"step {s}: {exc}")
+                self._damaged.add(s)
                 continue
             where = f"{self.directory}/manifests/{manifest_name(s)}"
             found = verify_manifest(self._storage, m, self._pool, describer(m), where)
@@ -1062,6 +1388,9 @@ class CheckpointManager:
             problems += [f"step {s}: {p}" for p in found]
             if not found:
                 verified.append(s)
+                self._intact.add(s)
+            else:
+                self._damaged.add(s)
         if problems:
             raise CorruptCheckpointError(
                 f"{len(problems)} problem(s) in {self.directory}: " + "; ".join(problems[:5]),
@@ -1079,7 +1408,7 @@ def _steps_of(names: Sequence[str]) -> list[int]:
 
 
 def _check_rank_plan(
-    plan: RestorePlan, view: _dist.RankView, where: str, step: int, rank: int, world: int, strict: bool
+    plan: RestorePlan, view: _dist.RankView, where: str, step: int, rank: int, world: int, strict: bool | None
 ) -> None:
     """PerRank entries in a restore plan: a rank without saved state gets a clear error; the
     saved ranks' state the given state leaves out is skipped when the world size changed."""

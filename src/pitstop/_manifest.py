@@ -1,15 +1,19 @@
-"""Format v1: the manifest that describes one checkpoint, and its hostile-input parser.
+"""Format v2 (and v1): the manifest that describes one checkpoint, and its hostile-input parser.
 
 The manifest is the checkpoint: a JSON document listing the state's tree, every array's
 dtype, shape and byte segments (object, offset, length, checksum), the objects it
 references, metrics, user metadata and versions. It is written last and published
 atomically (``_commit.publish``); see ``docs/format.md`` for the full specification.
 
-The file is an envelope ``{"format":"pitstop/1","checksum":"<hex>","manifest":BODY}``
+The file is an envelope ``{"format":"pitstop/2","checksum":"<hex>","manifest":BODY}``
 whose checksum is the xxh3-128 of BODY's exact bytes, so a flipped bit anywhere in a
 manifest is detected without re-serialising it. Everything read back is validated
 before use: a checkpoint from elsewhere can name only whitelisted dtypes and hex object
 names, and every size and offset is checked against the data it points into.
+
+Version 2 adds one optional body member to version 1, ``policy`` (the retention policy
+of the writer). A manifest with a policy is written as version 2, one without it as
+version 1 (byte for byte what earlier releases wrote); both are read.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ __all__ = [
     "step_of_manifest_name",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The format versions this release reads.
+READ_VERSIONS = (1, 2)
 HASH_NAME = "xxh3-128"
 MAX_DEPTH = 400
 MAX_ARRAY_BYTES = 1 << 50
@@ -246,6 +252,9 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    #: The retention policy of the writer that committed it (see ``Policy``); ``None`` in
+    #: checkpoints written before policies were recorded.
+    policy: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -299,8 +308,9 @@ def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> byt
         },
         "objects": {"name": names, "size": lambda: [m.objects[n] for n in names]},
     }
+    version = FORMAT_VERSION if m.policy is not None else 1
     body: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "hash": HASH_NAME,
         "step": m.step,
         "time": m.time,
@@ -310,6 +320,8 @@ def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> byt
         "metadata": m.metadata,
         "versions": m.versions,
     }
+    if m.policy is not None:
+        body["policy"] = m.policy
 
     def column(table: str, name: str, values: Any) -> str:
         done = pre.get(f"{table}.{name}")
@@ -327,7 +339,7 @@ def encode_manifest(m: Manifest, *, pre: Mapping[str, str] | None = None) -> byt
             text = pre[k] if k in pre else _dumps(body[k])
         parts.append(f'"{k}":{text}')
     raw = ("{" + ",".join(parts) + "}").encode()
-    head = f'{{"format":"pitstop/{FORMAT_VERSION}","checksum":"{checksum(raw)}","manifest":'
+    head = f'{{"format":"pitstop/{version}","checksum":"{checksum(raw)}","manifest":'
     return head.encode() + raw + b"}\n"
 
 
@@ -636,10 +648,11 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         m = _PREFIX_RE.match(data)
         if not m:
             raise _InvalidError("not a pitstop manifest (the envelope header is missing)")
-        if int(m.group(1)) != FORMAT_VERSION:
+        version = int(m.group(1))
+        if version not in READ_VERSIONS:
             raise _InvalidError(
-                f"format version {int(m.group(1))} is not supported by this pitstop "
-                f"(reads version {FORMAT_VERSION}); upgrade pitstop"
+                f"format version {version} is not supported by this pitstop "
+                f"(reads versions {', '.join(map(str, READ_VERSIONS))}); upgrade pitstop"
             )
         tail = b"}\n" if data.endswith(b"}\n") else b"}"
         if not data.endswith(tail) or len(data) < m.end() + len(tail):
@@ -661,12 +674,12 @@ def decode_manifest(data: bytes, *, where: str, step: int | None = None) -> Mani
         if "\\u003a" not in text and "\\u003A" not in text:
             try:
                 tally = [0, 0]
-                manifest = _validate(_loads(text, exact=False), step, tally)
+                manifest = _validate(_loads(text, exact=False), step, tally, version)
                 if tally[0] + tally[1] == text.count(":"):
                     return manifest
             except (_InvalidError, RecursionError):
                 pass
-        return _validate(_loads(text, exact=True), step, None)
+        return _validate(_loads(text, exact=True), step, None, version)
     except _InvalidError as exc:
         at = f"step {step} " if step is not None else ""
         raise CorruptCheckpointError(
@@ -694,11 +707,15 @@ def _loads(raw: str, *, exact: bool) -> Any:
 
 _BODY_KEYS = frozenset({"format_version", "hash", "step", "time", "tree", "rng", "arrays", "segments", "objects",
                         "metrics", "metadata", "versions"})  # fmt: skip
+#: Members a version-2 manifest may have besides ``_BODY_KEYS``.
+_OPTIONAL_BODY_KEYS = frozenset({"policy"})
+#: The retention policy's members and what each may hold.
+POLICY_KEYS = ("max_to_keep", "keep_best", "best_metric", "best_mode", "keep_every_n_steps")
 # members of the top-level object and of the three table objects (their keys are checked)
 _FIXED_MEMBERS = len(_BODY_KEYS) + len(_ARRAY_KEYS) + len(_SEGMENT_KEYS) + len(_OBJECT_KEYS)
 
 
-def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
+def _validate(body: Any, step: int | None, tally: list[int] | None, version: int = FORMAT_VERSION) -> Manifest:
     """Check a parsed manifest body and build the :class:`Manifest`.
 
     With ``tally``, also count the members of its JSON objects and the colons in its
@@ -706,9 +723,11 @@ def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
     colons, so only the tree, the RNG tree and the free-form fields are walked.
     """
     body = _dict(body, "manifest")
-    if body.keys() != _BODY_KEYS:
+    optional = _OPTIONAL_BODY_KEYS if version >= 2 else frozenset()
+    if body.keys() != _BODY_KEYS and not (_BODY_KEYS < body.keys() <= _BODY_KEYS | optional):
         raise _InvalidError(f"manifest keys {sorted(body)} differ from {sorted(_BODY_KEYS)}")
-    if body["format_version"] != FORMAT_VERSION or body["hash"] != HASH_NAME:
+    policy = _policy(body["policy"]) if "policy" in body else None
+    if body["format_version"] != version or body["hash"] != HASH_NAME:
         raise _InvalidError("format_version/hash do not match the envelope")
     got_step = _int(body["step"], "step", 0, (1 << 64) - 1)
     if step is not None and got_step != step:
@@ -728,8 +747,8 @@ def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
     versions = {str(k): str(v) for k, v in _dict(body["versions"], "versions").items()}
     metadata = _dict(body["metadata"], "metadata")
     if tally is not None:
-        tally[0] += _FIXED_MEMBERS
-        for free in (body["metrics"], metadata, body["versions"]):
+        tally[0] += _FIXED_MEMBERS + (policy is not None)
+        for free in (body["metrics"], metadata, body["versions"], policy or {}):
             _census(free, tally)
     return Manifest(
         step=got_step,
@@ -741,4 +760,23 @@ def _validate(body: Any, step: int | None, tally: list[int] | None) -> Manifest:
         metrics=metrics,
         metadata=metadata,
         versions=versions,
+        policy=policy,
     )
+
+
+def _policy(v: Any) -> dict[str, Any]:
+    """A recorded retention policy: exactly ``POLICY_KEYS``, each of its type."""
+    p = _dict(v, "policy")
+    if sorted(p) != sorted(POLICY_KEYS):
+        raise _InvalidError(f"policy keys {sorted(p)} differ from {sorted(POLICY_KEYS)}")
+    for key in ("max_to_keep", "keep_every_n_steps"):
+        if p[key] is not None:
+            _int(p[key], f"policy.{key}", 1)
+    _int(p["keep_best"], "policy.keep_best")
+    if p["best_metric"] is not None and (type(p["best_metric"]) is not str or len(p["best_metric"]) > 1000):
+        raise _InvalidError("policy.best_metric must be a string or null")
+    if p["best_mode"] not in ("min", "max"):
+        raise _InvalidError("policy.best_mode must be 'min' or 'max'")
+    if p["best_metric"] is None and p["keep_best"]:
+        raise _InvalidError("policy.keep_best needs policy.best_metric")
+    return p

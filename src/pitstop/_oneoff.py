@@ -45,11 +45,12 @@ def save(path: str | os.PathLike[str], state: Any, *, metadata: dict[str, Any] |
         mgr.save(0, state, metadata=metadata, force=True)
 
 
-def restore(path: str | os.PathLike[str], state: Any = None, *, strict: bool = True,
+def restore(path: str | os.PathLike[str], state: Any = None, *, strict: bool = True, expect_partial: bool = False,
             storage_options: dict[str, Any] | None = None, mmap: bool = False) -> Any:  # fmt: skip
     """Read a checkpoint written by :func:`save` (or the newest valid one of a manager's
     directory), in place into ``state`` or as a new tree of NumPy arrays and values.
 
+    ``strict``/``expect_partial``: as for ``CheckpointManager.restore``.
     ``mmap=True`` (with ``state=None``, local directories): read-only arrays mapped from
     the files, checksums verified first (see ``CheckpointManager.restore``).
 
@@ -57,4 +58,4 @@ def restore(path: str | os.PathLike[str], state: Any = None, *, strict: bool = T
         CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError.
     """
     with CheckpointManager(path, async_save=False, capture_rng=False, storage_options=storage_options) as mgr:
-        return mgr.restore(state, strict=strict, mmap=mmap)[1]
+        return mgr.restore(state, strict=strict, expect_partial=expect_partial, mmap=mmap)[1]

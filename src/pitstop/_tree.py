@@ -227,6 +227,8 @@ class _Flattener:
         self.paths: list[PathT] = []
         self.fresh: set[int] = set()
         self._active: set[int] = set()
+        # stateful objects met so far (held, so an id is not reused by a temporary)
+        self._objects: dict[int, tuple[object, PathT]] = {}
         self._in_fresh = False  # inside the state dict of an adapter that declares fresh arrays
 
     def _array(self, kind: str, a: np.ndarray[Any, Any], path: PathT) -> dict[str, Any]:
@@ -283,6 +285,13 @@ class _Flattener:
         if stateful is not None:
             if id(obj) in self._active:
                 raise UnsupportedStateError(f"state contains a reference cycle at {display_path(path)}")
+            first = self._objects.setdefault(id(obj), (obj, path))[1]
+            if first is not path:
+                raise UnsupportedStateError(
+                    f"the same {_object_type(obj)} is in the state twice, at {display_path(first)} and at "
+                    f"{display_path(path)}: saved twice it would be restored twice, and a partial restore "
+                    "could leave its two copies different. Put it in the state once (nothing was saved)."
+                )
             self._active.add(id(obj))
             outer = self._in_fresh
             try:

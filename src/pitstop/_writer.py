@@ -136,6 +136,12 @@ class DedupIndex:
             index.add(m)
         return index
 
+    def without(self, objects: set[str]) -> DedupIndex:
+        """A copy that never refers to ``objects`` (data of a damaged checkpoint: a piece
+        found only there is written again, under the same content-addressed name)."""
+        pieces = {k: v for k, v in self.pieces.items() if v[0] not in objects}
+        return DedupIndex(pieces=pieces, objects={k: v for k, v in self.objects.items() if k not in objects})
+
     def add(self, m: Manifest) -> None:
         self.objects.update(m.objects)
         t = m.arrays
@@ -495,11 +501,15 @@ def write_checkpoint(
     index: DedupIndex,
     compression: Compression | None = None,
     threads: int = 1,
+    policy: Mapping[str, Any] | None = None,
+    replace: bool = False,
 ) -> tuple[Manifest, SaveStats]:
     """Write ``flat`` as checkpoint ``step`` and commit it (see module docstring).
 
     ``threads``: how many tasks ``pool`` runs at once (large arrays are cut finer when
-    there would be fewer large pieces than that).
+    there would be fewer large pieces than that). ``policy``: the retention policy
+    recorded with the checkpoint. ``replace``: the commit atomically replaces an existing
+    manifest of ``step`` (the caller holds the lock and decided so).
 
     Returns:
         The committed manifest and what the save cost.
@@ -533,6 +543,7 @@ def write_checkpoint(
             metrics=dict(metrics),
             metadata=dict(metadata),
             versions=_versions(),
+            policy=None if policy is None else dict(policy),
         )
         return manifest, encode_manifest(manifest, pre=pre)
 
@@ -583,7 +594,10 @@ def write_checkpoint(
             synced.result()
     stats.bytes_written = sum(written.values())
     stats.objects_written = len(written)
-    storage.publish_manifest(manifest_name(step), data)
+    if replace:
+        storage.publish_manifest(manifest_name(step), data, replace=True)
+    else:
+        storage.publish_manifest(manifest_name(step), data)
     stats.seconds = time.perf_counter() - t0
     return manifest, stats
 

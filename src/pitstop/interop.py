@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+from ._errors import CheckpointError, CheckpointExistsError
 from ._interop._source import read_source, staged_output
 from ._interop._types import ExportResult, ImportResult, InteropError
 from ._manager import CheckpointManager
@@ -192,10 +193,31 @@ def import_tf_checkpoint(
         to_save = state
     chosen = step if step is not None else (counter if counter is not None else 0)
     meta = {**(metadata or {}), "imported_from": prefix, "imported_format": "tf-checkpoint"}
+    # an import deletes nothing: the directory's recorded policy stays in force, and a
+    # directory without one keeps all its checkpoints (and records that)
+    options: dict[str, Any] = {} if _recorded_policy(directory, storage_options) else {"max_to_keep": None}
     with CheckpointManager(
-        directory, max_to_keep=None, async_save=False, capture_rng=False, storage_options=storage_options
+        directory, async_save=False, capture_rng=False, storage_options=storage_options, **options
     ) as mgr:
+        if chosen in mgr.all_steps():
+            raise CheckpointExistsError(
+                f"checkpoint step {chosen} already exists in {mgr.directory}; import under another step "
+                "(step=...) or delete it first",
+                path=mgr.directory,
+                step=chosen,
+            )
         mgr.save(chosen, to_save, metadata=meta, force=True)
         arrays = len(mgr.manifest(chosen).arrays)
         name = mgr.directory
     return ImportResult(prefix, name, chosen, arrays, tuple(skipped))
+
+
+def _recorded_policy(directory: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the newest readable checkpoint of ``directory`` records a retention policy."""
+    with CheckpointManager(directory, capture_rng=False, storage_options=storage_options) as probe:
+        for step in reversed(probe.all_steps()):
+            try:
+                return probe.manifest(step).policy is not None
+            except CheckpointError:
+                continue
+    return False

@@ -53,7 +53,7 @@ def saved_body(tmp: Path) -> bytes:
 
 
 def envelope(raw: bytes) -> bytes:
-    return b'{"format":"pitstop/1","checksum":"' + checksum(raw).encode() + b'","manifest":' + raw + b"}\n"
+    return b'{"format":"pitstop/2","checksum":"' + checksum(raw).encode() + b'","manifest":' + raw + b"}\n"
 
 
 def decode(raw: bytes) -> Any:
@@ -137,7 +137,7 @@ json_values = st.recursive(
 @settings(max_examples=60, deadline=None)
 @given(meta=st.dictionaries(st.text(":ab", max_size=3), json_values, max_size=4), dup=st.booleans())
 def test_metadata_with_colons_round_trips_and_duplicates_are_found(meta: dict[str, Any], dup: bool) -> None:
-    body = {"format_version": 1, "hash": "xxh3-128", "step": 0, "time": 0.0, "tree": {"dict": {}}, "rng": None,
+    body = {"format_version": 2, "hash": "xxh3-128", "step": 0, "time": 0.0, "tree": {"dict": {}}, "rng": None,
             "arrays": {"dtype": [], "shape": [], "segments": []},
             "segments": {k: [] for k in ("object", "offset", "length", "checksum", "stored", "codec")},
             "objects": {"name": [], "size": []}, "metrics": {}, "metadata": meta, "versions": {}}  # fmt: skip
