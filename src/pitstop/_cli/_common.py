@@ -157,15 +157,17 @@ def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
     if "://" in location and not location.startswith("file://"):
         import fsspec
 
-        try:
-            fs, root = fsspec.core.url_to_fs(location, **storage_options)
+        from .._fsspec_storage import could_not_connect, fs_options, redact, unreachable_hint
+
+        try:  # with the options the manager uses (on S3: bounded connect timeout and retries)
+            fs, root = fsspec.core.url_to_fs(location, **fs_options(location, storage_options))
             found = fs.isdir(f"{root.rstrip('/')}/{MANIFEST_DIR}")
         except ImportError as exc:
             raise CliError(f"cannot open {location}: {exc}") from exc
         except Exception as exc:  # fsspec backends raise many kinds: name it and go on
-            from .._fsspec_storage import redact
-
-            raise CliError(redact(f"cannot open {location}: {type(exc).__name__}: {exc}", storage_options)) from exc
+            hint = f" ({unreachable_hint(storage_options)})" if could_not_connect(exc) else ""
+            message = f"cannot open {location}: {type(exc).__name__}: {exc}{hint}"
+            raise CliError(redact(message, storage_options)) from exc
         if not found:
             raise CheckpointNotFoundError(
                 f"no checkpoint directory at {location} (nothing under {MANIFEST_DIR}/): {hint}", path=location
