@@ -71,6 +71,27 @@ def test_writes_to_a_memory_url_from_a_memory_url(run: Cli, memory_url: str) -> 
     fsspec.filesystem("memory").rm(f"{memory_url.removeprefix('memory://')}-plots", recursive=True)
 
 
+def test_storage_options_come_from_the_environment_and_the_option(
+    run: Cli, memory_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pitstop._cli import _plot
+
+    seen: list[dict[str, object]] = []
+    real = _plot.open_manager
+
+    def spy(location: str, storage_options: dict[str, object], **policy: object) -> pitstop.CheckpointManager:
+        seen.append(storage_options)
+        return real(location, storage_options, **policy)
+
+    monkeypatch.setattr(_plot, "open_manager", spy)
+    monkeypatch.setenv("PITSTOP_STORAGE_OPTIONS", "skip_instance_cache=true")
+    assert run("plot", memory_url, "-o", tmp_path / "env.png").exit_code == 0
+    res = run("plot", memory_url, "--storage-option", "skip_instance_cache=false", "-o", tmp_path / "opt.png")
+    assert res.exit_code == 0, res.output
+    assert seen == [{"skip_instance_cache": True}, {"skip_instance_cache": False}]
+    assert (tmp_path / "env.png").exists() and (tmp_path / "opt.png").exists()
+
+
 def test_errors_are_one_line(run: Cli, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     res = run("plot", ckpt, "--metric", "nope", "-o", tmp_path / "p.png")
     assert res.exit_code == 2

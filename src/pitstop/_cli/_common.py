@@ -41,6 +41,7 @@ __all__ = [
     "iso_time",
     "json_float",
     "json_option",
+    "long_storage_options_option",
     "manifest_entries",
     "one_line",
     "open_manager",
@@ -136,19 +137,30 @@ def _parse_storage_options(ctx: click.Context, param: click.Parameter, values: t
     return out
 
 
-def storage_options_option(f: F) -> F:
+def _storage_options(*flags: str) -> Callable[[F], F]:
+    """The one declaration of ``--storage-option`` (under ``flags``), read from the command line
+    and from ``$PITSTOP_STORAGE_OPTIONS``."""
     return click.option(
-        "-o",
-        "--storage-option",
+        *flags,
         "storage_options",
         multiple=True,
         metavar="KEY=VALUE",
         callback=_parse_storage_options,
         envvar=STORAGE_OPTIONS_ENV,
-        help="fsspec option for URLs, e.g. -o endpoint_url=http://localhost:9000 (repeatable; JSON values "
+        help=f"fsspec option for URLs, e.g. {flags[0]} endpoint_url=http://localhost:9000 (repeatable; JSON values "
         f"parsed). Also read from ${STORAGE_OPTIONS_ENV} (KEY=VALUE items separated by spaces). Credentials "
         "are best left to the usual places (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws).",
-    )(f)
+    )
+
+
+def storage_options_option(f: F) -> F:
+    """``-o``/``--storage-option KEY=VALUE`` (repeatable), also from ``$PITSTOP_STORAGE_OPTIONS``."""
+    return _storage_options("-o", "--storage-option")(f)
+
+
+def long_storage_options_option(f: F) -> F:
+    """The same option without ``-o``, for commands whose ``-o`` is their output (``plot``)."""
+    return _storage_options("--storage-option")(f)
 
 
 def _check_directory(location: str, storage_options: dict[str, Any]) -> None:

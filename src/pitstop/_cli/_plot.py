@@ -21,12 +21,12 @@ import click
 from .._interop._source import staged_output
 from ._common import (
     CliError,
-    _parse_storage_options,
     emit_json,
     err_console,
     fmt_metric,
     json_float,
     json_option,
+    long_storage_options_option,
     open_manager,
     out_console,
     plural,
@@ -64,14 +64,7 @@ def _best(points: list[tuple[int, float]], mode: str) -> tuple[int, float] | Non
 @click.option("--width", type=click.IntRange(min=200, max=8000), default=1000, show_default=True, help="Pixels.")
 @click.option("--height", type=click.IntRange(min=150, max=8000), help="Pixels (default: 320 per metric).")
 @json_option
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_parse_storage_options,
-    help="fsspec option for URLs (repeatable; JSON values parsed).",
-)
+@long_storage_options_option
 def plot(
     directory: str,
     metrics: tuple[str, ...],
