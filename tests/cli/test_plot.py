@@ -92,6 +92,20 @@ def test_storage_options_come_from_the_environment_and_the_option(
     assert (tmp_path / "env.png").exists() and (tmp_path / "opt.png").exists()
 
 
+def test_without_options_the_recorded_policy_and_mode_are_plotted(run: Cli, tmp_path: Path) -> None:
+    d = tmp_path / "recorded"
+    with pitstop.CheckpointManager(
+        d, async_save=False, max_to_keep=2, best_metric="quality", best_mode="max", keep_best=1
+    ) as mgr:
+        for step, quality in zip((1, 2, 3, 4), (0.9, 0.1, 0.2, 0.3), strict=True):
+            mgr.save(step, {"w": np.full(3, step)}, metrics={"quality": quality})
+    doc = json.loads(run("plot", d, "-o", tmp_path / "p.png", "--json").stdout)
+    assert doc["steps"] == [1, 3, 4] and doc["kept"] == [1, 3, 4] and doc["policy_best_step"] == 1
+    (quality,) = doc["metrics"]
+    assert infer_mode("quality") == "min"  # by name; the recorded mode wins for the recorded metric
+    assert (quality["mode"], quality["best_step"]) == ("max", 1)
+
+
 def test_errors_are_one_line(run: Cli, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     res = run("plot", ckpt, "--metric", "nope", "-o", tmp_path / "p.png")
     assert res.exit_code == 2
