@@ -99,6 +99,45 @@ def test_ls_json_sizes_split_own_and_shared(run: Cli, ckpt: Path) -> None:
     assert best["policy"]["best_metric"] == "acc"
 
 
+@pytest.fixture
+def recorded(tmp_path: Path) -> Path:
+    """Steps 1, 3, 4 kept by the recorded policy (newest 2 plus the best "quality", mode max)."""
+    d = tmp_path / "recorded"
+    with pitstop.CheckpointManager(
+        d, async_save=False, max_to_keep=2, best_metric="quality", best_mode="max", keep_best=1
+    ) as mgr:
+        for step, quality in zip((1, 2, 3, 4), (0.9, 0.1, 0.2, 0.3), strict=True):
+            mgr.save(step, {"w": np.full(3, step)}, metrics={"quality": quality})
+    return d
+
+
+def test_ls_without_options_shows_the_recorded_policy(run: Cli, recorded: Path) -> None:
+    doc = json.loads(run("ls", recorded, "--json").stdout)
+    assert doc["policy"] == {
+        "max_to_keep": 2,
+        "best_metric": "quality",
+        "best_mode": "max",
+        "keep_best": 1,
+        "keep_every": None,
+    }
+    assert doc["best_step"] == 1
+    assert {s["step"]: s["reasons"] for s in doc["steps"]} == {1: ["best quality"], 3: ["latest"], 4: ["latest"]}
+    assert "* best quality (max)" in run("ls", recorded).stdout
+    # an option given replaces only itself: the recorded metric, mode and keep_best stay
+    doc = json.loads(run("ls", recorded, "--json", "--max-to-keep", "1").stdout)
+    assert doc["policy"]["max_to_keep"] == 1 and doc["policy"]["best_mode"] == "max"
+    assert {s["step"]: s["kept"] for s in doc["steps"]} == {1: True, 3: False, 4: True}
+
+
+def test_ls_and_plot_declare_the_same_retention_options(run: Cli) -> None:
+    for command in ("ls", "plot"):
+        text = run(command, "--help").stdout
+        for option in ("--max-to-keep", "--best-metric", "--best-mode", "--keep-best", "--keep-every N"):
+            assert option in text
+        assert "Keep every step that is a multiple of N." in text
+        assert "PITSTOP_STORAGE_OPTIONS" in text
+
+
 def test_ls_reports_a_corrupt_manifest_and_goes_on(run: Cli, ckpt: Path) -> None:
     flip_byte(ckpt / "manifests" / f"{2:020d}.json", offset=100)
     res = run("ls", ckpt)

@@ -71,6 +71,41 @@ def test_writes_to_a_memory_url_from_a_memory_url(run: Cli, memory_url: str) -> 
     fsspec.filesystem("memory").rm(f"{memory_url.removeprefix('memory://')}-plots", recursive=True)
 
 
+def test_storage_options_come_from_the_environment_and_the_option(
+    run: Cli, memory_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pitstop._cli import _plot
+
+    seen: list[dict[str, object]] = []
+    real = _plot.open_manager
+
+    def spy(location: str, storage_options: dict[str, object], **policy: object) -> pitstop.CheckpointManager:
+        seen.append(storage_options)
+        return real(location, storage_options, **policy)
+
+    monkeypatch.setattr(_plot, "open_manager", spy)
+    monkeypatch.setenv("PITSTOP_STORAGE_OPTIONS", "skip_instance_cache=true")
+    assert run("plot", memory_url, "-o", tmp_path / "env.png").exit_code == 0
+    res = run("plot", memory_url, "--storage-option", "skip_instance_cache=false", "-o", tmp_path / "opt.png")
+    assert res.exit_code == 0, res.output
+    assert seen == [{"skip_instance_cache": True}, {"skip_instance_cache": False}]
+    assert (tmp_path / "env.png").exists() and (tmp_path / "opt.png").exists()
+
+
+def test_without_options_the_recorded_policy_and_mode_are_plotted(run: Cli, tmp_path: Path) -> None:
+    d = tmp_path / "recorded"
+    with pitstop.CheckpointManager(
+        d, async_save=False, max_to_keep=2, best_metric="quality", best_mode="max", keep_best=1
+    ) as mgr:
+        for step, quality in zip((1, 2, 3, 4), (0.9, 0.1, 0.2, 0.3), strict=True):
+            mgr.save(step, {"w": np.full(3, step)}, metrics={"quality": quality})
+    doc = json.loads(run("plot", d, "-o", tmp_path / "p.png", "--json").stdout)
+    assert doc["steps"] == [1, 3, 4] and doc["kept"] == [1, 3, 4] and doc["policy_best_step"] == 1
+    (quality,) = doc["metrics"]
+    assert infer_mode("quality") == "min"  # by name; the recorded mode wins for the recorded metric
+    assert (quality["mode"], quality["best_step"]) == ("max", 1)
+
+
 def test_errors_are_one_line(run: Cli, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     res = run("plot", ckpt, "--metric", "nope", "-o", tmp_path / "p.png")
     assert res.exit_code == 2

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+from pitstop._fsspec_storage import CONNECT_ATTEMPTS
 from werkzeug.serving import make_server
 
 import pitstop
@@ -138,6 +139,13 @@ def moto(moto_server: FaultyMotoServer) -> tuple[str, dict[str, Any]]:
     return f"s3://{bucket}/run", options
 
 
+@pytest.fixture
+def moto_defaults(moto: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The ``moto`` directory with pitstop's own retry defaults (no ``config_kwargs``)."""
+    url, options = moto
+    return url, {k: v for k, v in options.items() if k != "config_kwargs"}
+
+
 def _state(step: int) -> dict[str, Any]:
     return {"w": np.full(50_000, step, np.float32), "frozen": np.arange(1000.0), "step": step}
 
@@ -173,6 +181,24 @@ def test_transient_faults_are_retried_and_the_save_commits(
         assert step == 2
         np.testing.assert_array_equal(tree["w"], _state(2)["w"])
         assert mgr.verify() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kind", "times"),
+    [("slowdown", 2), ("error500", 2), ("drop", CONNECT_ATTEMPTS)],  # drops: more than the connect bound allows
+)
+def test_transient_faults_are_retried_with_the_default_retry_policy(
+    moto_defaults: tuple[str, dict[str, Any]], faults: Faults, kind: str, times: int
+) -> None:
+    """The fail-fast bound on connects leaves throttling, 5xx and dropped connections their budget."""
+    url, options = moto_defaults
+    with pitstop.CheckpointManager(url, storage_options=options, async_save=False) as mgr:
+        mgr.save(1, _state(1))
+        rule = faults.add("PUT", OBJECT_PUT, kind, times)
+        mgr.save(2, _state(2))
+        assert rule.injected == times
+        faults.clear()
+        assert mgr.all_steps() == [1, 2] and mgr.verify() == [1, 2]
 
 
 def test_faults_on_reads_are_retried(moto: tuple[str, dict[str, Any]], faults: Faults) -> None:

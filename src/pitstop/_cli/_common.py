@@ -13,6 +13,7 @@ markup, emoji and highlighting off: checkpoint paths like ``w[0]`` and dtypes li
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "iso_time",
     "json_float",
     "json_option",
+    "long_storage_options_option",
     "manifest_entries",
     "one_line",
     "open_manager",
@@ -48,6 +50,7 @@ __all__ = [
     "plural",
     "render",
     "resolve_step",
+    "retention_options",
     "storage_options_option",
 ]
 
@@ -136,19 +139,74 @@ def _parse_storage_options(ctx: click.Context, param: click.Parameter, values: t
     return out
 
 
-def storage_options_option(f: F) -> F:
+def _storage_options(*flags: str) -> Callable[[F], F]:
+    """The one declaration of ``--storage-option`` (under ``flags``), read from the command line
+    and from ``$PITSTOP_STORAGE_OPTIONS``."""
     return click.option(
-        "-o",
-        "--storage-option",
+        *flags,
         "storage_options",
         multiple=True,
         metavar="KEY=VALUE",
         callback=_parse_storage_options,
         envvar=STORAGE_OPTIONS_ENV,
-        help="fsspec option for URLs, e.g. -o endpoint_url=http://localhost:9000 (repeatable; JSON values "
+        help=f"fsspec option for URLs, e.g. {flags[0]} endpoint_url=http://localhost:9000 (repeatable; JSON values "
         f"parsed). Also read from ${STORAGE_OPTIONS_ENV} (KEY=VALUE items separated by spaces). Credentials "
         "are best left to the usual places (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws).",
-    )(f)
+    )
+
+
+def storage_options_option(f: F) -> F:
+    """``-o``/``--storage-option KEY=VALUE`` (repeatable), also from ``$PITSTOP_STORAGE_OPTIONS``."""
+    return _storage_options("-o", "--storage-option")(f)
+
+
+def long_storage_options_option(f: F) -> F:
+    """The same option without ``-o``, for commands whose ``-o`` is their output (``plot``)."""
+    return _storage_options("--storage-option")(f)
+
+
+#: The retention options of ``ls`` and ``plot``: (click parameter, manager keyword).
+_RETENTION_OPTIONS = (
+    ("max_to_keep", "max_to_keep"),
+    ("best_metric", "best_metric"),
+    ("best_mode", "best_mode"),
+    ("keep_best", "keep_best"),
+    ("keep_every", "keep_every_n_steps"),
+)
+
+
+def retention_options(*, best_mode_help: str) -> Callable[[F], F]:
+    """``--max-to-keep``, ``--best-metric``, ``--best-mode``, ``--keep-best``, ``--keep-every``.
+
+    The command receives them as one ``policy`` argument: a dict of the options the user
+    gave, under the manager's keyword names. An option not given is left out (never a
+    default), so the manager takes it from the policy recorded in the directory.
+
+    Args:
+        best_mode_help: the help of ``--best-mode`` (what decides the direction when it is
+            not given differs between commands).
+    """
+    declared = (
+        click.option("--max-to-keep", type=click.IntRange(min=1), help="Policy to evaluate: keep the newest N."),
+        click.option("--best-metric", metavar="NAME", help="Policy to evaluate: rank checkpoints by this metric."),
+        click.option("--best-mode", type=click.Choice(["min", "max"]), help=best_mode_help),
+        click.option("--keep-best", type=click.IntRange(min=0), help="Keep the best K by --best-metric (default 1)."),
+        click.option(
+            "--keep-every", type=click.IntRange(min=1), metavar="N", help="Keep every step that is a multiple of N."
+        ),
+    )
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            given = {keyword: kwargs.pop(param) for param, keyword in _RETENTION_OPTIONS}
+            return f(*args, policy={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+        for option in reversed(declared):  # the first declared is listed first in --help
+            command = option(command)
+        return command  # type: ignore[return-value]
+
+    return decorate
 
 
 def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
@@ -157,15 +215,17 @@ def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
     if "://" in location and not location.startswith("file://"):
         import fsspec
 
-        try:
-            fs, root = fsspec.core.url_to_fs(location, **storage_options)
+        from .._storage._fsspec import could_not_connect, fs_options, redact, unreachable_hint
+
+        try:  # with the options the manager uses (on S3: bounded connect timeout and retries)
+            fs, root = fsspec.core.url_to_fs(location, **fs_options(location, storage_options))
             found = fs.isdir(f"{root.rstrip('/')}/{MANIFEST_DIR}")
         except ImportError as exc:
             raise CliError(f"cannot open {location}: {exc}") from exc
         except Exception as exc:  # fsspec backends raise many kinds: name it and go on
-            from .._storage._fsspec import redact
-
-            raise CliError(redact(f"cannot open {location}: {type(exc).__name__}: {exc}", storage_options)) from exc
+            hint = f" ({unreachable_hint(storage_options)})" if could_not_connect(exc) else ""
+            message = f"cannot open {location}: {type(exc).__name__}: {exc}{hint}"
+            raise CliError(redact(message, storage_options)) from exc
         if not found:
             raise CheckpointNotFoundError(
                 f"no checkpoint directory at {location} (nothing under {MANIFEST_DIR}/): {hint}", path=location
@@ -184,17 +244,23 @@ def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
 
 
 def open_manager(location: str, storage_options: dict[str, Any], **policy: Any) -> CheckpointManager:
-    """A synchronous, keep-everything manager on an existing directory.
+    """A synchronous manager on an existing directory, with the retention options in ``policy``.
 
-    ``max_to_keep`` defaults to ``None`` so nothing the CLI does could ever apply a
-    retention policy the user did not ask for; the global RNGs are never touched.
+    Only the options the user gave are passed: the others come from the policy recorded in
+    the directory (as for any manager opened without them), never from a default the user
+    did not ask for. The commands that use it never save, so none applies or records a
+    policy; the global RNGs are never touched.
 
     Raises:
         CheckpointNotFoundError: ``location`` is not an existing checkpoint directory.
         click.UsageError: the retention options are inconsistent.
     """
     _check_directory(location, storage_options)
-    policy.setdefault("max_to_keep", None)
+    # keep_best=None is the manager's own "not given" for keep_best (its default for the
+    # metric: the recorded K for the recorded metric, else 1 with a metric, else 0). Left
+    # out instead, a metric named here on a directory recorded without one would get the
+    # recorded keep_best=0 (resolve_policy), so the best would not count as kept.
+    policy.setdefault("keep_best", None)
     try:
         return CheckpointManager(
             location, async_save=False, capture_rng=False, storage_options=storage_options or None, **policy

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import click
 from rich.table import Table
@@ -36,6 +36,7 @@ from ._common import (
     plural,
     render,
     resolve_step,
+    retention_options,
     storage_options_option,
 )
 
@@ -92,33 +93,16 @@ def _sizes(rows: list[_Row]) -> None:
 
 @click.command()
 @click.argument("directory")
-@click.option("--max-to-keep", type=click.IntRange(min=1), help="Policy to evaluate: keep the newest N.")
-@click.option("--best-metric", metavar="NAME", help="Policy to evaluate: rank checkpoints by this metric.")
-@click.option(
-    "--best-mode",
-    type=click.Choice(["min", "max"]),
-    default="min",
-    show_default=True,
-    help="Lower or higher is better.",
-)
-@click.option("--keep-best", type=click.IntRange(min=0), help="Keep the best K by --best-metric (default 1).")
-@click.option("--keep-every", type=click.IntRange(min=1), metavar="N", help="Keep every step that is a multiple of N.")
+@retention_options(best_mode_help="Lower or higher is better (default: as recorded in DIRECTORY, else min).")
 @json_option
 @storage_options_option
-def ls(
-    directory: str,
-    max_to_keep: int | None,
-    best_metric: str | None,
-    best_mode: Literal["min", "max"],
-    keep_best: int | None,
-    keep_every: int | None,
-    as_json: bool,
-    storage_options: dict[str, Any],
-) -> None:
+def ls(directory: str, policy: dict[str, Any], as_json: bool, storage_options: dict[str, Any]) -> None:
     """List the checkpoints of DIRECTORY: time, size, metrics, and which are kept and why.
 
-    Without policy options every checkpoint is kept ("latest"). With them, ls shows what
-    that policy would keep, without deleting anything. "own" is the data only that
+    Without policy options ls shows what the policy DIRECTORY was written with keeps (it is
+    recorded in the checkpoints; checkpoints from before pitstop recorded it get the default,
+    the newest 3). Policy options replace the recorded ones, and ls shows what that policy
+    would keep, without deleting anything. "own" is the data only that
     checkpoint references (what deleting it frees); "shared" is data other kept
     checkpoints reference too.
 
@@ -127,24 +111,10 @@ def ls(
         pitstop ls runs/exp1 --max-to-keep 3 --best-metric val_loss
         pitstop ls s3://bucket/runs/exp1 --json
     """
-    policy = {
-        "max_to_keep": max_to_keep,
-        "best_metric": best_metric,
-        "best_mode": best_mode,
-        "keep_best": keep_best,
-        "keep_every": keep_every,
-    }
-    with open_manager(
-        directory,
-        storage_options,
-        max_to_keep=max_to_keep,
-        best_metric=best_metric,
-        best_mode=best_mode,
-        keep_best=keep_best,
-        keep_every_n_steps=keep_every,
-    ) as mgr:
+    with open_manager(directory, storage_options, **policy) as mgr:
         rows = _rows(mgr)
-        best = mgr.best_step() if best_metric is not None else None
+        effective = mgr.policy
+        best = mgr.best_step()
     stored: dict[str, int] = {}
     for row in rows:
         if row.manifest is not None:
@@ -153,7 +123,13 @@ def ls(
         emit_json(
             {
                 "directory": mgr.directory,
-                "policy": policy,
+                "policy": {
+                    "max_to_keep": effective.max_to_keep,
+                    "best_metric": effective.best_metric,
+                    "best_mode": effective.best_mode,
+                    "keep_best": effective.keep_best,
+                    "keep_every": effective.keep_every_n_steps,
+                },
                 "best_step": best,
                 "stored_bytes": sum(stored.values()),
                 "steps": [_row_json(r, best) for r in rows],
@@ -188,8 +164,9 @@ def ls(
     render(console, table)
     kept_count = sum(r.kept for r in rows)
     summary = f"{plural(len(rows), 'checkpoint')}, {kept_count} kept; {fmt_bytes(sum(stored.values()))} stored"
-    if best_metric is not None:
-        summary += f"; * best {best_metric} ({best_mode})" if best is not None else f"; no step has {best_metric}"
+    if effective.best_metric is not None:
+        metric = effective.best_metric
+        summary += f"; * best {metric} ({effective.best_mode})" if best is not None else f"; no step has {metric}"
     console.print(summary)
     for r in rows:
         if r.error:

@@ -21,15 +21,16 @@ import click
 from .._interop._source import staged_output
 from ._common import (
     CliError,
-    _parse_storage_options,
     emit_json,
     err_console,
     fmt_metric,
     json_float,
     json_option,
+    long_storage_options_option,
     open_manager,
     out_console,
     plural,
+    retention_options,
 )
 from ._inspect import _rows
 
@@ -56,31 +57,16 @@ def _best(points: list[tuple[int, float]], mode: str) -> tuple[int, float] | Non
 @click.argument("directory")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME", help="A metric to plot (repeatable; default: all).")
 @click.option("-o", "--output", required=True, metavar="PNG", help="The PNG to write (path or fsspec URL).")
-@click.option("--max-to-keep", type=click.IntRange(min=1), help="Policy to evaluate: keep the newest N.")
-@click.option("--best-metric", metavar="NAME", help="Policy to evaluate: rank checkpoints by this metric.")
-@click.option("--best-mode", type=click.Choice(["min", "max"]), help="Lower or higher is better (default: by name).")
-@click.option("--keep-best", type=click.IntRange(min=0), help="Keep the best K by --best-metric (default 1).")
-@click.option("--keep-every", type=click.IntRange(min=1), metavar="N", help="Keep every step that is a multiple of N.")
+@retention_options(best_mode_help="Lower or higher is better (default: by name).")
 @click.option("--width", type=click.IntRange(min=200, max=8000), default=1000, show_default=True, help="Pixels.")
 @click.option("--height", type=click.IntRange(min=150, max=8000), help="Pixels (default: 320 per metric).")
 @json_option
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=_parse_storage_options,
-    help="fsspec option for URLs (repeatable; JSON values parsed).",
-)
+@long_storage_options_option
 def plot(
     directory: str,
     metrics: tuple[str, ...],
     output: str,
-    max_to_keep: int | None,
-    best_metric: str | None,
-    best_mode: Literal["min", "max"] | None,
-    keep_best: int | None,
-    keep_every: int | None,
+    policy: dict[str, Any],
     width: int,
     height: int | None,
     as_json: bool,
@@ -89,9 +75,10 @@ def plot(
     """Plot the metrics of DIRECTORY's checkpoints over steps as a PNG.
 
     One panel per metric. Filled dots are checkpoints kept (by the policy options, as in
-    `pitstop ls`; without them every checkpoint is kept), orange crosses those the policy would
-    delete, and a red star the best value of each metric ("max" for accuracy-like names,
-    "min" otherwise; --best-mode sets it for --best-metric). Needs pitstop[plot].
+    `pitstop ls`; without them by the policy recorded in DIRECTORY), orange crosses those
+    the policy would delete, and a red star the best value of each metric ("max" for
+    accuracy-like names, "min" otherwise; --best-mode sets it for --best-metric, and the
+    recorded mode holds for the recorded metric). Needs pitstop[plot].
 
     \b
     Example:
@@ -102,18 +89,13 @@ def plot(
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise CliError(f"pitstop plot needs matplotlib: pip install 'pitstop[plot]' ({exc})") from exc
-    with open_manager(
-        directory,
-        storage_options,
-        max_to_keep=max_to_keep,
-        best_metric=best_metric,
-        best_mode=best_mode or (infer_mode(best_metric) if best_metric else "min"),
-        keep_best=keep_best,
-        keep_every_n_steps=keep_every,
-    ) as mgr:
+    if "best_metric" in policy and "best_mode" not in policy:
+        policy["best_mode"] = infer_mode(policy["best_metric"])
+    with open_manager(directory, storage_options, **policy) as mgr:
         all_rows = _rows(mgr)
         readable = [(r, r.manifest) for r in all_rows if r.manifest is not None]
-        policy_best = mgr.best_step() if best_metric is not None else None
+        effective = mgr.policy
+        policy_best = mgr.best_step()
         name = mgr.directory
     rows = [r for r, _ in readable]
     for r in all_rows:
@@ -137,7 +119,7 @@ def plot(
     axes = fig.subplots(len(chosen), 1, sharex=True, squeeze=False)[:, 0]
     summary: list[dict[str, Any]] = []
     for ax, metric in zip(axes, chosen, strict=True):
-        mode = (best_mode or infer_mode(metric)) if metric == best_metric else infer_mode(metric)
+        mode = effective.best_mode if metric == effective.best_metric else infer_mode(metric)
         series = [(r.step, float(m.metrics[metric]), r.kept) for r, m in readable if metric in m.metrics]
         points = [(step, v) for step, v, _ in series]
         kept = [(step, v) for step, v, k in series if k]

@@ -4,7 +4,7 @@ Listing, metrics, metadata, manifests, restore, verify and ``watch()`` -- withou
 and without creating a file, so any number of readers (an evaluation job, an export, the
 CLI) run beside the one writer, on another process or host, on local disks and object
 stores. A reader sees only committed checkpoints: a manifest is published last and
-atomically (``_commit``). A step its writer deletes (retention) or replaces while a
+atomically (``pitstop._storage._durable``). A step its writer deletes (retention) or replaces while a
 reader reads it is reported as gone (:class:`CheckpointNotFoundError`) or read again
 from its new manifest, never read torn: every segment is checked against its checksum,
 and a mismatch on a step that no longer exists as it was is told apart from damage.

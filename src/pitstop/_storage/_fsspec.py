@@ -16,6 +16,15 @@ parts above it. Every fsspec/botocore error is
 translated here, in :meth:`FsspecStorage._errors`, into a :class:`StorageError` whose
 message never contains a secret from the storage options or the environment.
 
+An endpoint that accepts no connection fails fast (:func:`s3_options`). Design reason:
+botocore gives every error the same budget, and the budget a week-long run wants for
+throttling (8 retries, backoff up to 20 s: about a minute per request) made a wrong
+``endpoint_url`` or a stopped server take minutes to report. So a request that could not *connect*
+(refused, DNS, connect timeout after ``CONNECT_TIMEOUT``) is given up after
+``CONNECT_ATTEMPTS`` attempts by a ``needs-retry`` hook on the botocore session, while
+throttling, 5xx and connections dropped mid-request keep the full budget. Users who set
+``config_kwargs["retries"]`` (or their own ``session``) get exactly their policy.
+
 The single-writer lock is a renewed lease object (``pitstop._storage._lease``).
 """
 
@@ -24,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Sequence
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -35,7 +46,20 @@ from ._durable import Buffer
 from ._lease import Lease, PreconditionFailedError
 from ._protocol import LOCK_NAME, MAX_MANIFEST_BYTES, MissingFileError, ShortReadError, WriterLock
 
-__all__ = ["MULTIPART_THRESHOLD", "PART_BYTES", "PART_CONCURRENCY", "RETRY_ATTEMPTS", "FsspecStorage", "redact"]
+__all__ = [
+    "CONNECT_ATTEMPTS",
+    "CONNECT_TIMEOUT",
+    "MULTIPART_THRESHOLD",
+    "PART_BYTES",
+    "PART_CONCURRENCY",
+    "RETRY_ATTEMPTS",
+    "FsspecStorage",
+    "could_not_connect",
+    "fs_options",
+    "redact",
+    "s3_options",
+    "unreachable_hint",
+]
 
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "r2"}
 _S3 = {"s3", "s3a"}
@@ -49,8 +73,16 @@ MULTIPART_THRESHOLD = 128 << 20
 PART_BYTES = 32 << 20
 #: Parts of one multipart upload in flight at once.
 PART_CONCURRENCY = 4
-#: botocore attempts per request (``standard`` retry mode) unless ``config_kwargs`` sets retries.
+#: botocore's ``max_attempts`` (``standard`` retry mode) unless ``config_kwargs`` sets retries.
+#: botocore counts retries here: a request is attempted up to ``RETRY_ATTEMPTS + 1`` times.
 RETRY_ATTEMPTS = 8
+#: Attempts in all of a request that cannot connect (refused, DNS, connect timeout); botocore's
+#: backoff between them is at most 1 s, then 2 s.
+CONNECT_ATTEMPTS = 3
+#: Seconds to establish a connection (botocore's ``connect_timeout``; botocore's own default is 60).
+CONNECT_TIMEOUT = 5.0
+#: Options that give s3fs its own botocore session: pitstop's hook is then not installed.
+_SESSION_OPTIONS = frozenset({"session", "session_vars", "event_hooks", "include_builtin_handlers"})
 
 _SECRET_OPTION = re.compile(r"secret|token|passw|credential|sas|signature|key|auth", re.IGNORECASE)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
@@ -112,6 +144,109 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def could_not_connect(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a connection that could not be made: refused,
+    a name that does not resolve, an unreachable host, or a connect timeout. A connection
+    that was made and then dropped is not (it is retried with the full budget)."""
+    try:
+        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+    except ImportError:  # no botocore: not S3
+        return False
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectTimeoutError):
+            return True
+        if isinstance(e, EndpointConnectionError):
+            # aiobotocore also wraps a reset of an open connection (aiohttp ClientOSError)
+            # as EndpointConnectionError; only a failed connect is a ClientConnectorError
+            import aiohttp
+
+            cause = e.kwargs.get("error")
+            return cause is None or isinstance(cause, (aiohttp.ClientConnectorError, socket.gaierror))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _give_up_connecting(attempts: int, caught_exception: BaseException | None = None, **_: Any) -> bool | None:
+    """botocore ``needs-retry`` hook: no retry once ``CONNECT_ATTEMPTS`` attempts could not connect.
+
+    Returns ``False`` (aiobotocore: do not retry, whatever the retry handler after this one
+    says) or ``None`` (botocore's standard retry handler decides).
+    """
+    if caught_exception is not None and attempts >= CONNECT_ATTEMPTS and could_not_connect(caught_exception):
+        return False
+    return None
+
+
+_sessions: dict[tuple[int, str | None], Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session(profile: str | None) -> Any:
+    """This process's botocore session for ``profile``, with the connect hook registered.
+
+    One per profile, so that fsspec's instance cache still finds one filesystem for the
+    same options (a new session each time would make every storage a new client); one per
+    process, so that a forked child never uses credentials resolved on its parent's loop.
+    """
+    from aiobotocore.session import AioSession
+
+    key = (os.getpid(), profile)
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = AioSession(profile=profile)
+            session.register("needs-retry.s3", _give_up_connecting, unique_id="pitstop-connect-attempts")
+            _sessions[key] = session
+        return session
+
+
+def s3_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``storage_options`` for s3fs with pitstop's defaults added where the user set nothing.
+
+    - ``use_listings_cache=False``;
+    - ``config_kwargs["connect_timeout"] = CONNECT_TIMEOUT``;
+    - ``config_kwargs["retries"] = {"mode": "standard", "max_attempts": RETRY_ATTEMPTS}``,
+      and with it a session whose hook gives up a request that could not connect after
+      ``CONNECT_ATTEMPTS`` attempts (not installed when the user gives ``retries`` or a
+      ``session``: their policy applies as given).
+
+    Example:
+        >>> s3_options({"config_kwargs": {"connect_timeout": 1}})["config_kwargs"]["connect_timeout"]
+        1
+    """
+    options = dict(storage_options)
+    options.setdefault("use_listings_cache", False)
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    if "retries" not in config:
+        config["retries"] = {"mode": "standard", "max_attempts": RETRY_ATTEMPTS}
+        if not _SESSION_OPTIONS & options.keys():
+            options["session"] = _session(options.get("profile"))
+    options["config_kwargs"] = config
+    return options
+
+
+def fs_options(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The fsspec options pitstop opens ``url`` with: :func:`s3_options` for ``s3://``."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    return s3_options(storage_options) if protocol in _S3 else dict(storage_options)
+
+
+def unreachable_hint(storage_options: Mapping[str, Any]) -> str:
+    """What to check when no connection to the endpoint of ``storage_options`` could be made."""
+    client = storage_options.get("client_kwargs") or {}
+    url = storage_options.get("endpoint_url") or (client.get("endpoint_url") if isinstance(client, Mapping) else None)
+    endpoint = str(url) if url else "the storage endpoint"
+    return redact(
+        f"could not connect to {endpoint}: check that the storage server is running and reachable "
+        "from this host, the endpoint_url, and the network or proxy settings",
+        storage_options,
+    )
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     cause = exc.__cause__
@@ -126,8 +261,7 @@ class FsspecStorage:
     Args:
         url: ``protocol://bucket/prefix``.
         storage_options: fsspec options (``endpoint_url``, ``key``, ``secret``, ...). For
-            ``s3://`` the defaults ``use_listings_cache=False`` and botocore's standard
-            retry mode are added unless given.
+            ``s3://`` the defaults of :func:`s3_options` are added where not given.
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
@@ -135,15 +269,10 @@ class FsspecStorage:
         self._secrets = sorted(_secrets_of(storage_options), key=len, reverse=True)
         protocol = fsspec.core.split_protocol(url)[0] or "file"
         self._s3 = protocol in _S3
-        options = dict(storage_options)
-        if self._s3:
-            options.setdefault("use_listings_cache", False)
-            config = dict(options.get("config_kwargs") or {})
-            config.setdefault("retries", {"mode": "standard", "max_attempts": RETRY_ATTEMPTS})
-            options["config_kwargs"] = config
+        self._unreachable = unreachable_hint(storage_options)
         with self._errors("opening", self.location):
             try:
-                self.fs, root = fsspec.core.url_to_fs(url, **options)
+                self.fs, root = fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
             except ImportError as exc:
                 extra = "s3" if self._s3 else protocol
                 raise StorageError(
@@ -175,7 +304,10 @@ class FsspecStorage:
             raise MissingFileError(f"{action} {path} failed: not found", path=path) from exc
         except Exception as exc:  # fsspec backends raise OSError, botocore errors, aiohttp errors, ...
             reason = self._redact(_describe(exc))
-            hint = next((h for keys, h in _HINTS if any(k in reason for k in keys)), "")
+            if could_not_connect(exc):
+                hint = self._unreachable
+            else:
+                hint = next((h for keys, h in _HINTS if any(k in reason for k in keys)), "")
             tail = f" ({hint}); earlier checkpoints are intact" if hint else "; earlier checkpoints are intact"
             raise StorageError(f"{action} {path} failed: {reason}{tail}", path=path) from exc
 
@@ -254,8 +386,13 @@ class FsspecStorage:
     # -- layout -----------------------------------------------------------------------------
     def ensure_layout(self) -> None:
         with self._errors("creating checkpoint directory", self.location):
-            if self._s3:  # no directories: only the bucket must exist (one request, not three)
-                self.fs.makedirs(self.root, exist_ok=True)
+            if self._s3:  # no directories: only the bucket must exist
+                try:  # one request when it does; an unreachable endpoint fails here, once
+                    self.fs.call_s3("head_bucket", Bucket=self.fs.split_path(self.root)[0])
+                except Exception as exc:
+                    if could_not_connect(exc):
+                        raise
+                    self.fs.makedirs(self.root, exist_ok=True)  # missing (created) or not ours to HEAD
                 return
             for d in ("", _commit.MANIFEST_DIR, _commit.OBJECT_DIR):
                 self.fs.makedirs(self._path(d) if d else self.root, exist_ok=True)
