@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-from pitstop._fsspec_storage import CONNECT_ATTEMPTS
 from werkzeug.serving import make_server
 
 import pitstop
+from pitstop._storage._fsspec import CONNECT_ATTEMPTS
 
 _SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pitstop._fsspec_storage import (
+
+import pitstop
+from pitstop._storage._fsspec import (
     CONNECT_ATTEMPTS,
     CONNECT_TIMEOUT,
     RETRY_ATTEMPTS,
@@ -24,8 +26,6 @@ from pitstop._fsspec_storage import (
     _session,
     could_not_connect,
 )
-
-import pitstop
 
 SECRET = "unreachable-secret-0123456789"
 HANG_GUARD = 60.0
