@@ -28,6 +28,7 @@ from rich.console import Console
 from .._errors import CheckpointNotFoundError
 from .._format._manifest import Manifest
 from .._manager._manager import CheckpointManager
+from .._manager._reader import CheckpointReader
 from .._state._tree import display_path, walk_nodes
 from .._storage._durable import MANIFEST_DIR
 
@@ -46,6 +47,7 @@ __all__ = [
     "manifest_entries",
     "one_line",
     "open_manager",
+    "open_reader",
     "out_console",
     "plural",
     "render",
@@ -243,13 +245,13 @@ def _check_directory(location: str, storage_options: dict[str, Any]) -> None:
         )
 
 
-def open_manager(location: str, storage_options: dict[str, Any], **policy: Any) -> CheckpointManager:
-    """A synchronous manager on an existing directory, with the retention options in ``policy``.
+def open_reader(location: str, storage_options: dict[str, Any], **policy: Any) -> CheckpointReader:
+    """A read-only view of an existing directory (no lock, no file created), evaluating the
+    retention options in ``policy``.
 
     Only the options the user gave are passed: the others come from the policy recorded in
-    the directory (as for any manager opened without them), never from a default the user
-    did not ask for. The commands that use it never save, so none applies or records a
-    policy; the global RNGs are never touched.
+    the directory, never from a default the user did not ask for; the global RNGs are
+    never touched.
 
     Raises:
         CheckpointNotFoundError: ``location`` is not an existing checkpoint directory.
@@ -262,14 +264,19 @@ def open_manager(location: str, storage_options: dict[str, Any], **policy: Any) 
     # recorded keep_best=0 (resolve_policy), so the best would not count as kept.
     policy.setdefault("keep_best", None)
     try:
-        return CheckpointManager(
-            location, async_save=False, capture_rng=False, storage_options=storage_options or None, **policy
-        )
+        return CheckpointReader(location, storage_options=storage_options or None, **policy)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
 
 
-def resolve_step(mgr: CheckpointManager, step: int | None) -> int:
+def open_manager(location: str, storage_options: dict[str, Any]) -> CheckpointManager:
+    """A synchronous manager on an existing directory (for ``gc``, which takes the writer
+    lock); it never saves, so it neither applies nor records a policy."""
+    _check_directory(location, storage_options)
+    return CheckpointManager(location, async_save=False, capture_rng=False, storage_options=storage_options or None)
+
+
+def resolve_step(mgr: CheckpointReader, step: int | None) -> int:
     """``step``, or the latest step when ``None``.
 
     Raises:

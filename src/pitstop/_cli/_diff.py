@@ -27,7 +27,7 @@ from ._common import (
     emit_json,
     json_float,
     json_option,
-    open_manager,
+    open_reader,
     out_console,
     render,
     resolve_step,
@@ -110,7 +110,7 @@ def _fmt(v: float) -> str:
 
 def _load(ref: str, storage_options: dict[str, Any]) -> tuple[str, int, dict[str, Leaf]]:
     location, step = parse_ref(ref)
-    with open_manager(location, storage_options) as mgr:
+    with open_reader(location, storage_options) as mgr:
         step = resolve_step(mgr, step)
         _, tree = mgr.restore(step=step)
         name = mgr.directory

@@ -20,7 +20,7 @@ from rich.tree import Tree
 
 from .._errors import CheckpointNotFoundError, CorruptCheckpointError
 from .._format._manifest import Manifest
-from .._manager._manager import CheckpointManager
+from .._manager._reader import CheckpointReader
 from ._common import (
     emit_json,
     fmt_bytes,
@@ -31,7 +31,7 @@ from ._common import (
     json_option,
     manifest_entries,
     one_line,
-    open_manager,
+    open_reader,
     out_console,
     plural,
     render,
@@ -57,7 +57,7 @@ class _Row:
         return bool(self.reasons)
 
 
-def _rows(mgr: CheckpointManager) -> list[_Row]:
+def _rows(mgr: CheckpointReader) -> list[_Row]:
     rows = []
     for step in mgr.all_steps():
         try:
@@ -111,7 +111,7 @@ def ls(directory: str, policy: dict[str, Any], as_json: bool, storage_options: d
         pitstop ls runs/exp1 --max-to-keep 3 --best-metric val_loss
         pitstop ls s3://bucket/runs/exp1 --json
     """
-    with open_manager(directory, storage_options, **policy) as mgr:
+    with open_reader(directory, storage_options, **policy) as mgr:
         rows = _rows(mgr)
         effective = mgr.policy
         best = mgr.best_step()
@@ -263,7 +263,7 @@ def show(directory: str, step: int | None, as_json: bool, storage_options: dict[
         pitstop show runs/exp1
         pitstop show runs/exp1 --step 1200 --json
     """
-    with open_manager(directory, storage_options) as mgr:
+    with open_reader(directory, storage_options) as mgr:
         step = resolve_step(mgr, step)
         m = mgr.manifest(step)
         latest = mgr.latest_step()

@@ -22,6 +22,7 @@ from ._common import (
     fmt_bytes,
     json_option,
     open_manager,
+    open_reader,
     out_console,
     plural,
     resolve_step,
@@ -57,7 +58,7 @@ def verify(directory: str, step: int | None, as_json: bool, storage_options: dic
         pitstop verify runs/exp1 --step 1200 --json
     """
     results: list[dict[str, Any]] = []
-    with open_manager(directory, storage_options) as mgr:
+    with open_reader(directory, storage_options) as mgr:
         steps = [resolve_step(mgr, step)] if step is not None else mgr.all_steps()
         err = err_console()
         columns = (TextColumn("verifying {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -27,7 +27,7 @@ from ._common import (
     json_float,
     json_option,
     long_storage_options_option,
-    open_manager,
+    open_reader,
     out_console,
     plural,
     retention_options,
@@ -91,7 +91,7 @@ def plot(
         raise CliError(f"pitstop plot needs matplotlib: pip install 'pitstop[plot]' ({exc})") from exc
     if "best_metric" in policy and "best_mode" not in policy:
         policy["best_mode"] = infer_mode(policy["best_metric"])
-    with open_manager(directory, storage_options, **policy) as mgr:
+    with open_reader(directory, storage_options, **policy) as mgr:
         all_rows = _rows(mgr)
         readable = [(r, r.manifest) for r in all_rows if r.manifest is not None]
         effective = mgr.policy

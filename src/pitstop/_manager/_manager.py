@@ -237,12 +237,6 @@ class CheckpointManager(CheckpointReader):
         """The read side: the manager itself (a :class:`CheckpointReader` that also writes)."""
         return self
 
-    @property
-    def policy(self) -> Policy:
-        """The retention policy in effect: the options given, the rest as recorded with the
-        directory's newest checkpoint (see :mod:`pitstop._manager._policy`)."""
-        return self._policy()
-
     def _applied_policy(self, steps: Sequence[int] | None = None) -> Policy:
         """The policy, as a writer applies it: warns once if it replaces a different one."""
         policy = self._policy(steps)

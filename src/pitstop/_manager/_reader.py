@@ -45,7 +45,7 @@ from .._state._tree import (
     run_restore_hooks,
 )
 from .._storage import MissingFileError, Storage, open_storage
-from ._policy import UNSET, Policy, resolve_policy
+from ._policy import UNSET, Policy, Unset, resolve_policy
 from ._retention import Record, best_step, select
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
 
 T = TypeVar("T")
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
-_POLICY_OPTIONS = ("max_to_keep", "keep_best", "best_metric", "best_mode", "keep_every_n_steps")
 
 
 class StartStep(int):
@@ -197,6 +196,10 @@ class CheckpointReader:
             evaluation or export job should not have its RNGs changed.
         storage: A storage backend object to read through instead of opening
             ``directory`` (tests, custom backends); see ``pitstop._storage.Storage``.
+        max_to_keep, keep_best, best_metric, best_mode, keep_every_n_steps: A retention
+            policy to evaluate instead of the one recorded in the directory (for
+            ``best_step()`` and ``retention()``; as for :class:`CheckpointManager`, options
+            not given come from the recorded policy). A reader deletes nothing.
 
     Example:
         >>> import numpy as np, pitstop, tempfile
@@ -215,14 +218,27 @@ class CheckpointReader:
         io_threads: int | None = None,
         restore_rng: bool = False,
         storage: Storage | None = None,
+        max_to_keep: int | Unset | None = UNSET,
+        keep_best: int | Unset | None = UNSET,
+        best_metric: str | Unset | None = UNSET,
+        best_mode: Literal["min", "max"] | Unset = UNSET,
+        keep_every_n_steps: int | Unset | None = UNSET,
     ) -> None:
+        given = {
+            "max_to_keep": max_to_keep,
+            "keep_best": keep_best,
+            "best_metric": best_metric,
+            "best_mode": best_mode,
+            "keep_every_n_steps": keep_every_n_steps,
+        }
+        resolve_policy(given, None)  # invalid options fail here
         if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
             raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
         self._open_view(
             storage if storage is not None else open_storage(os.fspath(directory), storage_options),
             ThreadPoolExecutor(io_threads or default_threads(), thread_name_prefix="pitstop-io"),
             owns_pool=True,
-            given=dict.fromkeys(_POLICY_OPTIONS, UNSET),
+            given=given,
             restore_rng=restore_rng,
         )
 
