@@ -152,6 +152,20 @@ def iteration_start(order: DataOrder, batch_size: int, drop_remainder: bool) -> 
     return epoch, position
 
 
+def epoch_batches(order: DataOrder, batch_size: int, drop_remainder: bool) -> Iterator[tuple[int, NDArray[np.int64]]]:
+    """The batches one iteration yields, as ``(epoch, indices)``: the rest of the current
+    epoch from the order's position (see :func:`iteration_start`), each cut in O(batch)
+    (no epoch array is built); the short last batch is dropped with ``drop_remainder``."""
+    epoch, cursor = iteration_start(order, batch_size, drop_remainder)  # the private production cursor
+    n = order.num_examples
+    while cursor < n:
+        end = min(cursor + batch_size, n)
+        if drop_remainder and end - cursor < batch_size:
+            return
+        yield epoch, order.epoch_slice(epoch, cursor, end)
+        cursor = end
+
+
 def consume(order: DataOrder, batch_size: int, drop_remainder: bool) -> None:
     """Advance ``order`` by one batch of a :func:`tf_dataset` built with these settings.
 
@@ -239,19 +253,12 @@ def tf_dataset(
     if drop and size > length:
         raise ValueError(f"batch_size {size} is larger than the source ({length}), so no batch fits an epoch")
     gather, structure, specs = _gatherer(tf, source)
-    n = order.num_examples
     order_seed = order.seed
 
     def index_batches() -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64]]]:
-        epoch, cursor = iteration_start(order, size, drop)  # the private production cursor
-        while cursor < n:
-            end = min(cursor + size, n)
-            if drop and end - cursor < size:
-                return
-            batch = order.epoch_slice(epoch, cursor, end)  # O(batch): no epoch array is built
+        for epoch, batch in epoch_batches(order, size, drop):
             seeds = example_seeds(order_seed, epoch, batch) if map_fn is not None else np.zeros((0, 2), np.int64)
             yield batch, seeds
-            cursor = end
 
     ds = tf.data.Dataset.from_generator(
         index_batches,

@@ -26,7 +26,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
     raise ImportError("pitstop.data.DataOrderSampler needs PyTorch: pip install 'pitstop[torch]'") from exc
 
 from ._order import DataOrder
-from ._tf import _check_batch_size, consume, example_seeds, iteration_start
+from ._tf import _check_batch_size, consume, epoch_batches, example_seeds, iteration_start
 
 __all__ = ["DataOrderSampler"]
 
@@ -95,20 +95,12 @@ class DataOrderSampler(Sampler[list[Any]]):
             )
 
     def __iter__(self) -> Iterator[list[Any]]:
-        order, size, drop = self.order, self.batch_size, self.drop_last
-        epoch, cursor = iteration_start(order, size, drop)  # the private production cursor
-        n = order.num_examples
-        while cursor < n:
-            end = min(cursor + size, n)
-            if drop and end - cursor < size:
-                return
-            batch = order.epoch_slice(epoch, cursor, end)  # O(batch): no epoch array is built
+        for epoch, batch in epoch_batches(self.order, self.batch_size, self.drop_last):
             if self.with_seeds:
-                seeds = example_seeds(order.seed, epoch, batch)[:, 0]
+                seeds = example_seeds(self.order.seed, epoch, batch)[:, 0]
                 yield list(zip(batch.tolist(), seeds.tolist(), strict=True))
             else:
                 yield batch.tolist()
-            cursor = end
 
     def __len__(self) -> int:
         """Batches the next iteration yields: the rest of the current epoch."""
