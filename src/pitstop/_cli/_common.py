@@ -287,12 +287,9 @@ def resolve_step(mgr: CheckpointReader, step: int | None) -> int:
         if latest is None:
             raise CheckpointNotFoundError(f"no checkpoint in {mgr.directory}: nothing was saved there yet")
         return latest
-    if step not in mgr.all_steps():
-        raise CheckpointNotFoundError(
-            f"no checkpoint for step {step} in {mgr.directory}; existing steps: {mgr.all_steps()}",
-            path=mgr.directory,
-            step=step,
-        )
+    steps = mgr.all_steps()
+    if step not in steps:
+        raise mgr._no_step(step, steps)
     return step
 
 

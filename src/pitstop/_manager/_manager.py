@@ -567,9 +567,7 @@ class CheckpointManager(CheckpointReader):
         listed = self._acquire()
         steps = listed if listed is not None else self._writer_steps()
         if step not in steps:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
-            )
+            raise self._no_step(step, steps)
         self._storage.delete_manifest(manifest_name(step))
         self._forget(step)
         self._data.collect_garbage(dry_run=False, steps=[s for s in steps if s != step])

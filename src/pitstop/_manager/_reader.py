@@ -311,11 +311,7 @@ class CheckpointReader:
         try:
             data = self._storage.read_manifest(name)
         except MissingFileError:
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; existing steps: {self.all_steps()}",
-                path=self.directory,
-                step=step,
-            ) from None
+            raise self._no_step(step) from None
         m = decode_manifest(data, where=where, step=step)
         with self._cache_lock:
             self._cache[step] = m
@@ -376,6 +372,15 @@ class CheckpointReader:
         """Each committed step with the reasons it is kept (as retention would decide now)."""
         records = self._records()[0]
         return select(self._policy([r.step for r in records]).rules(), records)
+
+    def _no_step(self, step: int, steps: Sequence[int] | None = None) -> CheckpointNotFoundError:
+        """The error for a step that is not committed, naming the ones that are."""
+        existing = list(steps) if steps is not None else self.all_steps()
+        return CheckpointNotFoundError(
+            f"no checkpoint for step {step} in {self.directory}; existing steps: {existing}",
+            path=self.directory,
+            step=step,
+        )
 
     def _remember(self, manifest: Manifest) -> None:
         """A manifest its writer just committed: cached, known intact."""
@@ -639,9 +644,7 @@ class CheckpointReader:
         """
         steps = [step] if step is not None else self.all_steps()
         if step is not None and not self._storage_has(step):
-            raise CheckpointNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}", path=self.directory, step=step
-            )
+            raise self._no_step(step)
         problems: list[str] = []
         verified: list[int] = []
         for s in steps:

@@ -16,7 +16,7 @@ import errno
 import operator
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
 import numpy as np
@@ -33,7 +33,9 @@ __all__ = [
     "fsync_dir",
     "is_temporary",
     "publish",
+    "temporaries",
     "temporary_name",
+    "temporary_parts",
 ]
 
 #: Sub-directory of committed manifests, one per checkpoint: ``manifests/<step>.json``.
@@ -70,6 +72,21 @@ def temporary_name(final_name: str) -> str:
 def is_temporary(name: str) -> bool:
     """Whether a directory entry is an unfinished write (safe to delete under the lock)."""
     return name.startswith(TMP_PREFIX)
+
+
+def temporaries(listing: Callable[[str], Sequence[str]]) -> list[str]:
+    """The temporary files of a checkpoint directory, as ``"<sub>/<name>"``, given a
+    function listing the names in one of its sub-directories."""
+    return [f"{sub}/{n}" for sub in (MANIFEST_DIR, OBJECT_DIR) for n in listing(sub) if is_temporary(n)]
+
+
+def temporary_parts(name: str) -> tuple[str, str]:
+    """``(sub, base)`` of a ``"<sub>/<name>"`` from :func:`temporaries`; anything else (a
+    committed file, a path elsewhere) is refused, so deleting temporaries never deletes more."""
+    sub, _, base = name.partition("/")
+    if sub not in (MANIFEST_DIR, OBJECT_DIR) or not is_temporary(base):
+        raise ValueError(f"not a temporary file of this directory: {name!r}")
+    return sub, base
 
 
 def as_buffers(buffers: Sequence[Buffer]) -> Sequence[memoryview]:

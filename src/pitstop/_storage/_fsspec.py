@@ -474,10 +474,7 @@ class FsspecStorage:
     def list_temporaries(self) -> list[str]:
         if self._object_store:
             return []  # nothing is ever written under a temporary name on an object store
-        out = []
-        for sub in (_commit.MANIFEST_DIR, _commit.OBJECT_DIR):
-            out += [f"{sub}/{n}" for n in self._list(sub) if _commit.is_temporary(n)]
-        return out
+        return _commit.temporaries(self._list)
 
     def write_object(self, name: str, buffers: Sequence[Buffer]) -> int:
         path = self._path(_commit.OBJECT_DIR, name)
@@ -523,10 +520,7 @@ class FsspecStorage:
             self.fs.rm_file(path)
 
     def delete_temporary(self, name: str) -> None:
-        sub, _, base = name.partition("/")
-        if sub not in (_commit.MANIFEST_DIR, _commit.OBJECT_DIR) or not _commit.is_temporary(base):
-            raise ValueError(f"not a temporary file of this directory: {name!r}")
-        path = self._path(sub, base)
+        path = self._path(*_commit.temporary_parts(name))
         with self._errors("deleting", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 

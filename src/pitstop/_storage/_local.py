@@ -128,10 +128,7 @@ class LocalStorage:
         return [n for n in self._list(self._objects) if not _commit.is_temporary(n)]
 
     def list_temporaries(self) -> list[str]:
-        out = []
-        for sub, d in ((_commit.MANIFEST_DIR, self._manifests), (_commit.OBJECT_DIR, self._objects)):
-            out += [f"{sub}/{n}" for n in self._list(d) if _commit.is_temporary(n)]
-        return out
+        return _commit.temporaries(lambda sub: self._list(os.path.join(self.root, sub)))
 
     def write_object(self, name: str, buffers: Sequence[Buffer]) -> int:
         with translate_errors("writing", os.path.join(self._objects, name)):
@@ -229,10 +226,7 @@ class LocalStorage:
             os.unlink(path)
 
     def delete_temporary(self, name: str) -> None:
-        sub, _, base = name.partition("/")
-        if sub not in (_commit.MANIFEST_DIR, _commit.OBJECT_DIR) or not _commit.is_temporary(base):
-            raise ValueError(f"not a temporary file of this directory: {name!r}")
-        path = os.path.join(self.root, sub, base)
+        path = os.path.join(self.root, *_commit.temporary_parts(name))
         with translate_errors("deleting", path), contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
