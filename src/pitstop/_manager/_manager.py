@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -21,26 +20,17 @@ import numpy as np
 
 from .. import _distributed as _dist
 from .._engine._async import BackgroundWriter
-from .._engine._gcpause import paused_gc
-from .._engine._reader import verify_manifest
 from .._engine._snapshot import SnapshotBuffers
-from .._engine._writer import Compression, DedupIndex, SaveStats, commit, write_checkpoint
+from .._engine._writer import DedupIndex, SaveStats
 from .._errors import (
     CheckpointError,
     CheckpointExistsError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
 )
 from .._format._manifest import Manifest, manifest_name
-from .._state._rng import capture_rng as _capture_rng
-from .._state._tree import (
-    FlatState,
-    flatten_state,
-)
 from .._storage import Storage, open_storage
 from ._lock import Holdings, take_lock
 from ._multi import restore_on_ranks, save_on_ranks
-from ._options import clean_metadata, clean_metrics, compression_option
+from ._options import check_options, compression_option
 from ._policy import UNSET, Policy, Unset, policy_change, resolve_policy
 from ._preempt import PreemptionWatcher, parse_signals
 from ._reader import (
@@ -58,6 +48,7 @@ from ._reader import (
     steps_of,
 )
 from ._retain import GcReport, Retainer
+from ._save import DAMAGED, INTACT, NEW, existing_state, save_here
 
 __all__ = [
     "CheckpointManager",
@@ -74,9 +65,6 @@ __all__ = [
 
 
 MAX_STEP = 2**63 - 1
-# whether a step being saved is committed already (ordered: ranks agree on the largest)
-_NEW, _DAMAGED, _INTACT = 0, 1, 2
-_MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
 
 
 class CheckpointManager(CheckpointReader):
@@ -169,33 +157,16 @@ class CheckpointManager(CheckpointReader):
         }
         resolve_policy(self._given, None)  # invalid options fail here
         self._policy_applied = False
-        if type(save_interval_steps) is not int or save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
-        if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
-            raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
-        if coordinator is not None:
-            if not isinstance(coordinator, _dist.Coordinator):
-                raise ValueError(
-                    f"coordinator must provide rank, world_size and all_max() "
-                    f"(see pitstop.distributed), got {type(coordinator).__name__}"
-                )
-            if async_save:
-                raise ValueError(
-                    "async_save=True cannot be combined with a coordinator: a multi-worker save runs "
-                    "collectives, which must not run on a background thread beside the training "
-                    "loop's own. Leave async_save unset (it defaults to False with a coordinator)."
-                )
-            async_save = False
-        elif async_save is None:
-            async_save = True
+        async_save = check_options(
+            save_interval_steps=save_interval_steps, io_threads=io_threads, coordinator=coordinator,
+            async_save=async_save, max_snapshot_bytes=max_snapshot_bytes,
+        )  # fmt: skip
         signals = parse_signals(preemption_signals)
         self._coord = coordinator
         self._rank = coordinator.rank if coordinator is not None else 0
         self._world = coordinator.world_size if coordinator is not None else 1
         self._exit_on_preemption = bool(exit_on_preemption)
         self.preempted = False
-        if max_snapshot_bytes is not None and (type(max_snapshot_bytes) is not int or max_snapshot_bytes < 0):
-            raise ValueError(f"max_snapshot_bytes must be an int >= 0 or None, got {max_snapshot_bytes!r}")
         self._compression = compression_option(compression, compression_level)
         self._compression_level = compression_level
         self._max_snapshot = max_snapshot_bytes
@@ -338,14 +309,14 @@ class CheckpointManager(CheckpointReader):
         want = force or not step % self._interval
         preempt = self._watcher is not None and self._watcher.requested
         listed: list[int] | None = None
-        existing = _NEW
+        existing = NEW
         if self._coord is not None:
             if self._rank == 0:
                 listed = self._acquire()  # before any rank writes: taking the directory cleans leftovers
                 if want or preempt:
                     steps = listed if listed is not None else self._writer_steps()
                     listed = steps
-                    existing = self._existing(step, steps)
+                    existing = existing_state(self, step, steps)
             # every rank saves if any rank wants to; a preemption on any rank preempts all;
             # rank 0 tells every rank whether the step exists (intact: skip; damaged: replace)
             code, existing = self._coord.all_max([2 if preempt else int(want), existing])
@@ -357,11 +328,11 @@ class CheckpointManager(CheckpointReader):
         else:
             codec = compression_option(None if compression == "none" else compression, self._compression_level)
         if self._coord is not None:
-            started = existing != _INTACT
+            started = existing != INTACT
             if started:
-                save_on_ranks(self, step, state, metrics, metadata, codec, listed, replace=existing == _DAMAGED)
+                save_on_ranks(self, step, state, metrics, metadata, codec, listed, replace=existing == DAMAGED)
         else:
-            started = self._save_local(step, state, metrics, metadata, codec)
+            started = save_here(self, step, state, metrics, metadata, codec)
         if preempt:
             self._on_preempted()
         return started
@@ -382,49 +353,7 @@ class CheckpointManager(CheckpointReader):
             raise CheckpointError("replacing a checkpoint is not supported with a coordinator", path=self.directory)
         if self._writer is not None:
             self._writer.wait()
-        self._save_local(int(step), state, metrics, metadata, self._compression, replace=True)
-
-    def _existing(self, step: int, steps: Sequence[int]) -> int:
-        """Whether committed ``step`` is absent (``_NEW``), ``_INTACT`` or ``_DAMAGED``.
-
-        A step is verified once per manager (its checksums read in full); steps this
-        manager committed or restored in full are known intact, steps a restore or verify
-        found damaged are known damaged.
-        """
-        if step not in steps:
-            return _NEW
-        if step in self._intact:
-            return _INTACT
-        if step not in self._damaged:
-            where = f"{self.directory}/manifests/{manifest_name(step)}"
-            try:
-                m = self._manifest(step)
-                problems = verify_manifest(self._storage, m, self._pool, describer(m), where)
-            except CheckpointNotFoundError:
-                return _NEW  # deleted meanwhile (only by this, the lock holder): nothing to keep
-            except CorruptCheckpointError as exc:
-                problems = [str(exc)]
-            if not problems:
-                self._intact.add(step)
-                return _INTACT
-            self._damaged.add(step)
-        warnings.warn(
-            f"checkpoint step {step} in {self.directory} is damaged; this save replaces it (none of its "
-            "data is reused)",
-            CorruptCheckpointWarning,
-            stacklevel=4,
-        )
-        return _DAMAGED
-
-    def _damaged_objects(self, step: int) -> set[str]:
-        """The objects of damaged ``step`` (when its manifest is readable): never reused."""
-        try:
-            m = self._manifest(step)
-        except CheckpointError:
-            return set()
-        finally:
-            self._forget(step)
-        return set(m.objects)
+        save_here(self, int(step), state, metrics, metadata, self._compression, replace=True)
 
     def _exists_error(self, step: int, *, by_other: bool = False) -> CheckpointExistsError:
         what = "was committed by someone else" if by_other else "already exists"
@@ -440,45 +369,6 @@ class CheckpointManager(CheckpointReader):
         self._remember(manifest)
         index.add(manifest)
 
-    def _save_local(
-        self, step: int, state: Any, metrics: Any, metadata: Any, codec: Compression | None, *, replace: bool = False
-    ) -> bool:
-        """``replace``: the caller replaces its own intact ``step`` (an epoch-end state
-        superseding the save at the epoch's last batch)."""
-        metrics_, metadata_ = clean_metrics(metrics), clean_metadata(metadata)
-        listed = self._acquire()
-        steps = listed if listed is not None else self._writer_steps()
-        bad: set[str] = set()
-        if not replace:
-            existing = self._existing(step, steps)
-            if existing == _INTACT:
-                return False
-            if existing == _DAMAGED:
-                replace, bad = True, self._damaged_objects(step)
-        elif step not in steps:
-            replace = False
-        policy = self._applied_policy(steps)
-        with paused_gc():
-            rng = _capture_rng() if self._capture_rng else None
-            flat = flatten_state(state, rng)
-            background = self._writer is not None
-            bound = self._max_snapshot
-            copied = (a.nbytes for i, a in enumerate(flat.arrays) if i not in flat.fresh)
-            if background and bound is not None and sum(copied) > bound:
-                background = False  # block instead of allocating past the bound
-                self._snapshots.drop()  # and hold no snapshot memory meanwhile
-            if background:
-                flat = self._snapshots.copy(flat)
-        self.last_save_blocked = not background
-        if background:
-            assert self._writer is not None
-            self._writer.submit(
-                lambda: self._write(step, flat, metrics_, metadata_, codec, steps, policy, replace, bad)
-            )
-        else:
-            self._write(step, flat, metrics_, metadata_, codec, steps, policy, replace, bad)
-        return True
-
     def _on_preempted(self) -> None:
         self.wait_until_finished()  # the preemption checkpoint is committed before anything else
         self.preempted = True
@@ -487,52 +377,6 @@ class CheckpointManager(CheckpointReader):
         if self._exit_on_preemption:
             self.close()
             raise SystemExit(0)
-
-    def _storage_has(self, step: int) -> bool:
-        return manifest_name(step) in self._storage.list_manifests()
-
-    def _write(
-        self,
-        step: int,
-        flat: FlatState,
-        metrics: dict[str, float],
-        metadata: dict[str, Any],
-        codec: Compression | None = None,
-        steps: list[int] | None = None,
-        policy: Policy | None = None,
-        replace: bool = False,
-        bad: set[str] | frozenset[str] = frozenset(),
-    ) -> None:
-        """Write and commit one checkpoint (on the background thread with ``async_save``).
-
-        ``replace``: atomically replace the committed manifest of ``step``; ``bad``: objects
-        of a damaged step the new checkpoint must not refer to.
-        """
-        with paused_gc():
-            index = self._data.index(steps)
-            if bad:
-                index = self._data.replace_index(index.without(set(bad)))
-            try:
-                manifest, data, stats = write_checkpoint(
-                    self._storage,
-                    self._pool,
-                    step=step,
-                    flat=flat,
-                    metrics=metrics,
-                    metadata=metadata,
-                    index=index,
-                    compression=codec,
-                    threads=self._io_threads,
-                    policy=(policy or self._policy(steps)).record(),
-                )
-                commit(self._storage, step, data, replace=replace)
-            except FileExistsError:
-                raise self._exists_error(step, by_other=True) from None
-            self._committed(manifest, index)
-            self.last_save_stats = stats
-            self._intact.add(step)
-            self._damaged.discard(step)
-            self._data.apply_retention(None if steps is None else sorted({*steps, step}))
 
     def gc(self, *, dry_run: bool = False) -> GcReport:
         """Remove leftovers of interrupted saves and data no checkpoint references.

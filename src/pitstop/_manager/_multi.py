@@ -18,6 +18,7 @@ from .._errors import CheckpointError
 from .._state._rng import capture_rng
 from .._state._tree import flatten_state
 from ._options import clean_metadata, clean_metrics
+from ._save import damaged_objects
 
 if TYPE_CHECKING:
     from ._manager import CheckpointManager
@@ -56,7 +57,7 @@ def save_on_ranks(
             flat = flatten_state(state, _dist.PerRank(capture_rng() if mgr._capture_rng else {}))
             index = mgr._data.index(steps)
             if replace:  # a damaged step: none of its data is reused
-                index = mgr._data.replace_index(index.without(mgr._damaged_objects(step)))
+                index = mgr._data.replace_index(index.without(damaged_objects(mgr, step)))
             written, stats, chief_part[0] = _dist.write_part(
                 mgr._storage, mgr._pool, step=step, flat=flat, rank=rank, world_size=mgr._world,
                 index=index, compression=codec,

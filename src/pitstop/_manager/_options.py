@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from .._distributed import Coordinator
 from .._engine._writer import Compression
 from .._errors import UnsupportedStateError
 
-__all__ = ["clean_metadata", "clean_metrics", "compression_option"]
+__all__ = ["check_options", "clean_metadata", "clean_metrics", "compression_option"]
 
 
 def clean_metrics(metrics: Any) -> dict[str, float]:
@@ -55,3 +56,37 @@ def compression_option(name: str | None, level: int) -> Compression | None:
     except ImportError:
         raise ValueError("compression='zstd' needs the zstandard package: pip install 'pitstop[zstd]'") from None
     return Compression(level=level)
+
+
+def check_options(
+    *,
+    save_interval_steps: int,
+    io_threads: int | None,
+    coordinator: Coordinator | None,
+    async_save: bool | None,
+    max_snapshot_bytes: int | None,
+) -> bool:
+    """Check the manager's options (a ``ValueError`` naming the one that is wrong) and
+    return whether saves are asynchronous (the default, except with a coordinator)."""
+    if type(save_interval_steps) is not int or save_interval_steps < 1:
+        raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
+    if io_threads is not None and (type(io_threads) is not int or io_threads < 1):
+        raise ValueError(f"io_threads must be a positive int, got {io_threads!r}")
+    if coordinator is not None:
+        if not isinstance(coordinator, Coordinator):
+            raise ValueError(
+                f"coordinator must provide rank, world_size and all_max() "
+                f"(see pitstop.distributed), got {type(coordinator).__name__}"
+            )
+        if async_save:
+            raise ValueError(
+                "async_save=True cannot be combined with a coordinator: a multi-worker save runs "
+                "collectives, which must not run on a background thread beside the training "
+                "loop's own. Leave async_save unset (it defaults to False with a coordinator)."
+            )
+        async_save = False
+    elif async_save is None:
+        async_save = True
+    if max_snapshot_bytes is not None and (type(max_snapshot_bytes) is not int or max_snapshot_bytes < 0):
+        raise ValueError(f"max_snapshot_bytes must be an int >= 0 or None, got {max_snapshot_bytes!r}")
+    return bool(async_save)
