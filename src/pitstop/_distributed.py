@@ -101,6 +101,10 @@ class PerRank:
         value: Anything a state may hold (arrays, JSON values, stateful objects, dicts).
     """
 
+    #: The type name its object nodes record, pinned: readers (and the merge) match on it,
+    #: so it must not follow the module if the class moves.
+    _pitstop_type = PER_RANK_TYPE
+
     def __init__(self, value: Any) -> None:
         self.value = value
 

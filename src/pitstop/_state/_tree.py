@@ -211,8 +211,12 @@ def describe_array(dtype: str, shape: tuple[int, ...]) -> str:
 
 
 def _object_type(obj: object) -> str:
+    """The ``type`` an object node records: a class's pinned ``_pitstop_type`` (a name that
+    must not change when the class moves, e.g. ``PerRank``'s, which readers match on), else
+    its import path."""
     t = type(obj)
-    return f"{t.__module__}.{t.__qualname__}"
+    pinned = getattr(t, "_pitstop_type", None)
+    return pinned if isinstance(pinned, str) else f"{t.__module__}.{t.__qualname__}"
 
 
 def prepare_array(a: np.ndarray[Any, Any], path: PathT) -> np.ndarray[Any, Any]:
