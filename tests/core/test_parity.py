@@ -248,3 +248,11 @@ def test_the_same_object_under_two_entries_is_refused_and_nothing_is_saved(ckdir
             mgr.save(2, {"gen": {"shared": shared}, "both": [Counter(), shared]})
         assert mgr.all_steps() == [1]
         assert mgr.save(2, {"a": shared, "b": Counter()}) is True  # distinct objects are fine
+
+
+def test_the_start_step_prints_as_a_number(ckdir: Path) -> None:
+    with CheckpointManager(ckdir, async_save=False) as mgr:
+        mgr.save(8, state(8))
+        start = mgr.restore_or_initialize(state(0))
+    assert str(start) == "8" and f"{start}" == "8" and int(str(start)) == 8
+    assert repr(start) == "StartStep(8, restored=True)"

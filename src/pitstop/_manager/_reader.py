@@ -82,6 +82,9 @@ class StartStep(int):
     def __repr__(self) -> str:
         return f"StartStep({int(self)}, restored={self.restored})"
 
+    def __str__(self) -> str:  # print(start) and str(start) give the number, as for an int
+        return int.__repr__(self)
+
 
 class CorruptCheckpointWarning(UserWarning):
     """A corrupt or partial checkpoint was skipped in favour of an older valid one."""
