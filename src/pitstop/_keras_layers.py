@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from ._errors import CorruptCheckpointError, StateMismatchError, UnsupportedStateError
 from ._format._dtypes import name_of, storage_dtype
+from ._state._packed import pack_bytes, unpack_bytes
 from ._state._tree import OPTIONAL
 
 __all__ = ["LayerKind", "extra_state", "extra_template", "layer_kind", "load_extra_state", "refresh_functions"]
@@ -184,11 +185,8 @@ def _vocabulary(layer: Any) -> dict[str, np.ndarray[Any, Any]]:
         vocabulary = layer.get_vocabulary(include_special_tokens=True)
         arrays: dict[str, np.ndarray[Any, Any]]
         if _is_string(layer):
-            encoded = [str(token).encode("utf-8") for token in vocabulary]
-            arrays = {
-                "utf8": np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                "sizes": np.array([len(b) for b in encoded], dtype=np.int64),
-            }
+            data, sizes = pack_bytes([str(token).encode("utf-8") for token in vocabulary])
+            arrays = {"utf8": data, "sizes": sizes}
         else:
             arrays = {"int64": np.array(vocabulary, dtype=np.int64).reshape(-1)}
     except (UnicodeError, ValueError, TypeError, OverflowError, tf.errors.OpError) as exc:
@@ -382,22 +380,9 @@ def _decode(layer: Any, saved: Mapping[str, Any]) -> list[Any]:
         if not isinstance(ints, np.ndarray) or ints.dtype != np.int64 or ints.ndim != 1:
             raise CorruptCheckpointError(f"{where} is not an int64 vector")
         return [int(t) for t in ints]
-    data, sizes = saved.get("utf8"), saved.get("sizes")
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 1
-        or not isinstance(sizes, np.ndarray)
-        or sizes.dtype != np.int64
-        or sizes.ndim != 1
-        or (sizes < 0).any()
-        or int(sizes.sum()) != data.size
-    ):
-        raise CorruptCheckpointError(f"{where} is malformed (its bytes and sizes do not fit); restore an earlier step")
-    raw = data.tobytes()
-    ends = np.cumsum(sizes).tolist()
+    tokens = unpack_bytes(saved.get("utf8"), saved.get("sizes"), where)
     try:
-        return [raw[e - n : e].decode("utf-8") for e, n in zip(ends, sizes.tolist(), strict=True)]
+        return [t.decode("utf-8") for t in tokens]
     except UnicodeDecodeError as exc:
         raise CorruptCheckpointError(f"{where} is not valid UTF-8 ({exc}); restore an earlier step") from None
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.python.data.ops import iterator_ops
 from tensorflow.python.data.ops import options as options_lib
 from tensorflow.python.ops import gen_dataset_ops
 
 from ._errors import CorruptCheckpointError, StateMismatchError, UnsupportedStateError
+from ._state._packed import pack_bytes, unpack_bytes
 
 __all__ = ["IteratorState", "is_iterator"]
 
@@ -82,10 +82,10 @@ class IteratorState:
                 "Python object -- keeps part of its position in Python, where TensorFlow cannot "
                 "save it, so no checkpoint of it could resume exactly. " + _DATA_FIX
             ) from None
-        parts = [tf.io.serialize_tensor(s).numpy() for s in tf.unstack(variant)]
+        data, sizes = pack_bytes([tf.io.serialize_tensor(s).numpy() for s in tf.unstack(variant)])
         return {
-            "bytes": np.frombuffer(b"".join(parts), dtype=np.uint8),
-            "sizes": np.array([len(p) for p in parts], dtype=np.int64),
+            "bytes": data,
+            "sizes": sizes,
             "pipeline": _pipeline(self.iterator),
             "element_spec": repr(self.iterator.element_spec),
         }
@@ -96,20 +96,7 @@ class IteratorState:
         return dict.fromkeys(("bytes", "sizes", "pipeline", "element_spec"))
 
     def load_state_dict(self, state: Any) -> None:
-        data, sizes = state.get("bytes"), state.get("sizes")
-        if (
-            not isinstance(data, np.ndarray)
-            or data.dtype != np.uint8
-            or data.ndim != 1
-            or not isinstance(sizes, np.ndarray)
-            or sizes.dtype != np.int64
-            or sizes.ndim != 1
-            or (sizes < 0).any()
-            or int(sizes.sum()) != data.size
-        ):
-            raise CorruptCheckpointError(
-                "the saved tf.data iterator state is malformed (bytes/sizes do not fit); restore an earlier step"
-            )
+        slices = unpack_bytes(state.get("bytes"), state.get("sizes"), "the saved tf.data iterator state")
         pipeline, spec = _pipeline(self.iterator), repr(self.iterator.element_spec)
         saved = (state.get("pipeline"), state.get("element_spec"))
         if saved != (pipeline, spec):
@@ -119,9 +106,6 @@ class IteratorState:
                 "Rebuild the dataset exactly as it was when the checkpoint was saved, and restore "
                 "into iter(dataset) of it."
             )
-        raw = data.tobytes()
-        ends = np.cumsum(sizes)
-        slices = [raw[int(e - n) : int(e)] for e, n in zip(ends, sizes, strict=True)]
         try:
             variant = tf.stack([tf.io.parse_tensor(s, tf.variant) for s in slices])
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError, ValueError) as exc:

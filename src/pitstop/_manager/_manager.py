@@ -13,7 +13,6 @@ import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
@@ -189,18 +188,6 @@ class CheckpointManager(CheckpointReader):
         self._data = Retainer(self._storage, self)
         self._held = Holdings(self.directory, self._pool, self._watcher, self._writer)
         self._finalizer = self._held.bind(self)  # released when collected without close()
-
-    # -- context manager --------------------------------------------------------------
-    def __enter__(self) -> CheckpointManager:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"CheckpointManager({self.directory!r})"
 
     # -- listing ----------------------------------------------------------------------
     @property

@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_Self = TypeVar("_Self", bound="CheckpointReader")
 _MAX_RELISTS = 1000  # bound on restore() re-listing a directory a writer keeps changing
 
 
@@ -278,7 +279,7 @@ class CheckpointReader:
         self._damaged: set[int] = set()
         self.last_restore_report: RestoreReport | None = None
 
-    def __enter__(self) -> CheckpointReader:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(
@@ -287,7 +288,7 @@ class CheckpointReader:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CheckpointReader({self.directory!r})"
+        return f"{type(self).__name__}({self.directory!r})"
 
     def close(self) -> None:
         """Let go of the IO threads (a reader holds nothing else)."""
