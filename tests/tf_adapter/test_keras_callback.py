@@ -87,7 +87,7 @@ def test_numpy_inputs_without_shuffle_resume_at_the_same_batch(tmp_path: Path) -
     ckpt = pitstop_keras.Checkpoint(tmp_path / "c", save_freq=4)
     with pytest.raises(KeyboardInterrupt):
         model.fit(**fit, callbacks=[ckpt, StopAfter(10)])  # killed in epoch 1, after step 10
-    ckpt._mgr.close()
+    ckpt.wait_until_finished()
 
     keras.utils.set_random_seed(123)  # a new process starts from other weights and RNGs
     resumed = mlp()
@@ -114,7 +114,7 @@ def test_tf_dataset_resume_in_process_is_bit_identical(tmp_path: Path) -> None:
         if stop:
             with pytest.raises(KeyboardInterrupt):
                 model.fit(ds, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
-            ckpt._mgr.close()
+            ckpt.wait_until_finished()
         else:
             model.fit(ds, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
         return model, losses, ckpt
@@ -160,7 +160,7 @@ def test_tf_dataset_killed_between_the_last_batch_and_the_epoch_end(tmp_path: Pa
         if stop:
             with pytest.raises(KeyboardInterrupt):
                 model.fit(ds, **fit)
-            ckpt._mgr.close()
+            ckpt.wait_until_finished()
         else:
             history = model.fit(ds, **fit)
             losses.history = history.history  # type: ignore[attr-defined]
@@ -273,7 +273,7 @@ def test_numpy_inputs_with_keras_shuffle_resume_at_the_epoch_start_with_a_warnin
     ckpt = pitstop_keras.Checkpoint(tmp_path / "c", save_freq=4)
     with pytest.raises(KeyboardInterrupt):
         mlp().fit(**fit, callbacks=[ckpt, StopAfter(9)])  # newest checkpoint: step 8, epoch 1 batch 1
-    ckpt._mgr.close()
+    ckpt.wait_until_finished()
     ckpt = pitstop_keras.Checkpoint(tmp_path / "c", save_freq=4)
     losses = Losses(ckpt)
     with pytest.warns(pitstop_keras.InexactResumeWarning, match="shuffle"):
@@ -302,8 +302,10 @@ def test_data_order_without_a_tf_dataset_is_a_clear_error(tmp_path: Path) -> Non
 def test_invalid_options_are_rejected_up_front(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="save_freq"):
         pitstop_keras.Checkpoint(tmp_path, save_freq=0)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="mode must be 'auto', 'min' or 'max'"):
         pitstop_keras.Checkpoint(tmp_path, mode="lowest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_to_keep"):
+        pitstop_keras.Checkpoint(tmp_path, max_to_keep=0)
     with pytest.raises(ValueError, match="monitor"):
         pitstop_keras.Checkpoint(tmp_path, restore_best_weights=True)
 
@@ -315,7 +317,8 @@ def test_a_finished_run_does_not_train_again(tmp_path: Path) -> None:
     model.fit(**fit, callbacks=[pitstop_keras.Checkpoint(tmp_path / "c")])
     before = model.get_weights()
     again = mlp()
-    history = again.fit(**fit, callbacks=[pitstop_keras.Checkpoint(tmp_path / "c")])
+    with pytest.warns(UserWarning, match="trains nothing"):
+        history = again.fit(**fit, callbacks=[pitstop_keras.Checkpoint(tmp_path / "c")])
     assert history.history == {}
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), before, strict=True))
     assert again._initial_epoch is None  # a later fit is not affected
