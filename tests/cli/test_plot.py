@@ -77,13 +77,13 @@ def test_storage_options_come_from_the_environment_and_the_option(
     from pitstop._cli import _plot
 
     seen: list[dict[str, object]] = []
-    real = _plot.open_manager
+    real = _plot.open_reader
 
-    def spy(location: str, storage_options: dict[str, object], **policy: object) -> pitstop.CheckpointManager:
+    def spy(location: str, storage_options: dict[str, object], **policy: object) -> pitstop.CheckpointReader:
         seen.append(storage_options)
         return real(location, storage_options, **policy)
 
-    monkeypatch.setattr(_plot, "open_manager", spy)
+    monkeypatch.setattr(_plot, "open_reader", spy)
     monkeypatch.setenv("PITSTOP_STORAGE_OPTIONS", "skip_instance_cache=true")
     assert run("plot", memory_url, "-o", tmp_path / "env.png").exit_code == 0
     res = run("plot", memory_url, "--storage-option", "skip_instance_cache=false", "-o", tmp_path / "opt.png")
