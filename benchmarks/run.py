@@ -494,10 +494,9 @@ def raw_write_files_threaded(directory: str, arrays: Sequence[np.ndarray], threa
 
 def _pitstop_threads() -> int:
     """The IO thread count pitstop's manager picks by default on this machine."""
-    from pitstop._manager._manager import _manager
+    from pitstop._manager._reader import default_threads
 
-    fn = getattr(_manager, "_default_threads", None)
-    return int(fn()) if callable(fn) else max(4, min(16, 4 * (os.cpu_count() or 1)))
+    return default_threads()
 
 
 def raw_read_files(directory: str, arrays: Sequence[np.ndarray]) -> None:
